@@ -1,0 +1,41 @@
+"""Python client of the blobstore service.
+
+from blobstore.client import Storage
+storage = Storage()            # $BLOBSTORE_ADDRESS or 127.0.0.1:50051
+storage.set("greeting", "Hello Storage")
+storage.get("greeting")        # b'Hello Storage'
+"""
+
+from blobstore.client.errors import (
+    AuthenticationError,
+    ConflictError,
+    DataLossError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    PreconditionError,
+    ResourceExhaustedError,
+    StorageError,
+    UnavailableError,
+)
+from blobstore.client.storage import STORAGE_TYPES, ObjectInfo, Storage
+
+__all__ = [
+    "STORAGE_TYPES",
+    "AuthenticationError",
+    "ConflictError",
+    "DataLossError",
+    "DeadlineExceededError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "ObjectInfo",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "PreconditionError",
+    "ResourceExhaustedError",
+    "Storage",
+    "StorageError",
+    "UnavailableError",
+]

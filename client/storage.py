@@ -1,0 +1,442 @@
+"""The Python client: `Storage`, shaped like the original Storage API client."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any, BinaryIO, Union
+
+import google_crc32c
+import grpc
+
+from blobstore.client import errors
+from blobstore.v1 import storage_pb2 as pb
+from blobstore.v1 import storage_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+CHUNK_SIZE = 1 << 20
+MAX_MESSAGE_BYTES = (4 << 20) + (64 << 10)
+OBJECT_TOO_LARGE_FOR_UNARY = "OBJECT_TOO_LARGE_FOR_UNARY"
+
+STORAGE_TYPES = {
+    "data": pb.STORAGE_TYPE_DATA,
+    "tmp": pb.STORAGE_TYPE_TMP,
+    "products": pb.STORAGE_TYPE_PRODUCTS,
+    "result": pb.STORAGE_TYPE_RESULT,
+    "logs": pb.STORAGE_TYPE_LOGS,
+}
+_LABELS = {number: label for label, number in STORAGE_TYPES.items()}
+
+# Transient failures after which a transfer resumes instead of failing.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+PathOrFile = Union[str, "os.PathLike[str]", IO[Any]]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's metadata as the server reports it."""
+
+    key: str
+    storage_type: str
+    size: int
+    generation: int
+    content_type: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    created: datetime | None = None
+    updated: datetime | None = None
+    expires: datetime | None = None
+    crc32c: int | None = None
+    sha256: str = ""
+
+    @classmethod
+    def from_pb(cls, message: pb.Object) -> ObjectInfo:
+        def when(field_name: str) -> datetime | None:
+            if not message.HasField(field_name):  # type: ignore[arg-type]
+                return None
+            return getattr(message, field_name).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+
+        checksums = message.checksums
+        return cls(
+            key=message.key,
+            storage_type=_LABELS.get(message.storage_type, "data"),
+            size=message.size,
+            generation=message.generation,
+            content_type=message.content_type,
+            metadata=dict(message.metadata),
+            created=when("create_time"),
+            updated=when("update_time"),
+            expires=when("expire_time"),
+            crc32c=checksums.crc32c if checksums.HasField("crc32c") else None,
+            sha256=checksums.sha256.hex(),
+        )
+
+
+def storage_type_number(storage_type: str) -> int:
+    try:
+        return STORAGE_TYPES[storage_type]
+    except (KeyError, TypeError):
+        raise errors.InvalidArgumentError(
+            f"unknown storage type {storage_type!r}; valid storage types: {', '.join(STORAGE_TYPES)}",
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        ) from None
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise errors.from_rpc_error(exc) from None
+
+
+class Storage:
+    """Client of a blobstore server.
+
+    `address` defaults to $BLOBSTORE_ADDRESS, then 127.0.0.1:50051; `token` to
+    $BLOBSTORE_TOKEN. Pass `root_certificates` (PEM bytes) to use TLS. A
+    Storage is safe to share between threads; close() it, or use it as a
+    context manager, when done.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        *,
+        root_certificates: bytes | None = None,
+        secure: bool | None = None,
+        timeout: float | None = 60.0,
+        retries: int = 5,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.address = address or os.environ.get("BLOBSTORE_ADDRESS") or DEFAULT_ADDRESS
+        self.token = token if token is not None else os.environ.get("BLOBSTORE_TOKEN")
+        self.timeout = timeout
+        self.retries = retries
+        self.chunk_size = chunk_size
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if secure or root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(self.address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        self._stub = pb_grpc.StorageStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        self._max_unary: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Storage(address={self.address!r})"
+
+    # ------------------------------------------------------------------ small values
+
+    def set(
+        self,
+        key: str,
+        value: str | bytes | bytearray | memoryview | IO[Any],
+        storage_type: str = "data",
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        if_generation_match: int | None = None,
+    ) -> ObjectInfo:
+        """Stores `value` under `key`: a str (stored as UTF-8), bytes, or a file-like object."""
+        if hasattr(value, "read"):
+            return self.set_file(
+                key,
+                value,  # type: ignore[arg-type]
+                storage_type,
+                content_type=content_type,
+                metadata=metadata,
+                if_generation_match=if_generation_match,
+            )
+        if isinstance(value, str):
+            data = value.encode("utf-8")
+            content_type = content_type or "text/plain; charset=utf-8"
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+        else:
+            raise TypeError(f"value must be str, bytes or a binary file-like object, not {type(value).__name__}")
+        if len(data) > self._unary_limit():
+            return self.set_file(
+                key,
+                io.BytesIO(data),
+                storage_type,
+                content_type=content_type,
+                metadata=metadata,
+                if_generation_match=if_generation_match,
+            )
+        request = pb.SetRequest(
+            key=key,
+            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
+            value=data,
+            content_type=content_type or "",
+            metadata=dict(metadata or {}),
+            crc32c=google_crc32c.value(data),
+        )
+        if if_generation_match is not None:
+            request.if_generation_match = if_generation_match
+        with _translated():
+            response = self._stub.Set(request, timeout=self.timeout, metadata=self._metadata)
+        return ObjectInfo.from_pb(response.object)
+
+    def get(self, key: str, storage_type: str = "data") -> bytes:
+        """Returns the value stored under `key`; large values are streamed transparently."""
+        request = pb.GetRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
+        try:
+            response = self._stub.Get(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            error = errors.from_rpc_error(exc)
+            if error.reason != OBJECT_TOO_LARGE_FOR_UNARY:
+                raise error from None
+            buffer = io.BytesIO()
+            self.get_file(key, buffer, storage_type)
+            return buffer.getvalue()
+        value: bytes = response.value
+        checksums = response.object.checksums
+        if checksums.HasField("crc32c") and google_crc32c.value(value) != checksums.crc32c:
+            raise errors.DataLossError(f"value of {key!r} failed its CRC32C check in transit")
+        return value
+
+    def _unary_limit(self) -> int:
+        if self._max_unary is None:
+            try:
+                self._max_unary = self.limits().max_unary_value_bytes or CHUNK_SIZE
+            except errors.StorageError:
+                self._max_unary = CHUNK_SIZE
+        return self._max_unary
+
+    def limits(self) -> pb.GetLimitsResponse:
+        """The server's limits and this caller's quota usage."""
+        with _translated():
+            response: pb.GetLimitsResponse = self._stub.GetLimits(
+                pb.GetLimitsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        return response
+
+    # ------------------------------------------------------------------ streaming
+
+    def set_file(
+        self,
+        key: str,
+        file: PathOrFile,
+        storage_type: str = "data",
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        if_generation_match: int | None = None,
+    ) -> ObjectInfo:
+        """Uploads a file (a path or a file object) in constant memory."""
+        spec = pb.UploadSpec(
+            key=key,
+            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
+            content_type=content_type or "",
+            metadata=dict(metadata or {}),
+        )
+        if if_generation_match is not None:
+            spec.if_generation_match = if_generation_match
+        with _open_for_reading(file) as fobj, _translated():
+            response = self._stub.Upload(self._upload_messages(spec, fobj), metadata=self._metadata, timeout=None)
+        return ObjectInfo.from_pb(response.object)
+
+    def _upload_messages(self, spec: pb.UploadSpec, fobj: BinaryIO) -> Iterator[pb.UploadRequest]:
+        offset = 0
+        crc = 0
+        sha = hashlib.sha256()
+        first = True
+        while True:
+            data = fobj.read(self.chunk_size)
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            if not data:
+                break
+            crc_piece = google_crc32c.value(data)
+            message = pb.UploadRequest(write_offset=offset, data=data, crc32c=crc_piece)
+            if first:
+                message.spec.CopyFrom(spec)
+                first = False
+            crc = google_crc32c.extend(crc, data)
+            sha.update(data)
+            offset += len(data)
+            yield message
+        final = pb.UploadRequest(
+            write_offset=offset,
+            finish_write=True,
+            object_checksums=pb.ObjectChecksums(crc32c=crc, sha256=sha.digest()),
+        )
+        if first:
+            final.spec.CopyFrom(spec)
+        yield final
+
+    def get_file(self, key: str, file: PathOrFile, storage_type: str = "data") -> ObjectInfo:
+        """Downloads an object into a file (a path or a binary file object) in constant memory.
+
+        A path is written to a temporary file beside it and renamed into place
+        only when every byte has passed its checksums. A dropped connection is
+        resumed from the bytes already received, pinned to the same generation:
+        if the object changed meanwhile, PreconditionError is raised rather
+        than splicing two versions.
+        """
+        if isinstance(file, (str, os.PathLike)):
+            path = os.fspath(file)
+            partial = f"{path}.part-{os.getpid()}"
+            try:
+                with open(partial, "wb") as fobj:
+                    info = self._download_into(key, fobj, storage_type)
+                os.replace(partial, path)
+            except BaseException:
+                try:
+                    os.unlink(partial)
+                except FileNotFoundError:
+                    pass
+                raise
+            return info
+        return self._download_into(key, file, storage_type)  # type: ignore[arg-type]
+
+    def _download_into(self, key: str, fobj: BinaryIO, storage_type: str) -> ObjectInfo:
+        request = pb.DownloadRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
+        info: ObjectInfo | None = None
+        received = 0
+        crc = 0
+        sha = hashlib.sha256()
+        attempt = 0
+        while True:
+            try:
+                for response in self._stub.Download(request, metadata=self._metadata, timeout=None):
+                    if response.HasField("object") and info is None:
+                        info = ObjectInfo.from_pb(response.object)
+                        request.generation = info.generation
+                    data = response.data
+                    if google_crc32c.value(data) != response.crc32c:
+                        raise errors.DataLossError(f"a piece of {key!r} failed its CRC32C check in transit")
+                    if data:
+                        fobj.write(data)
+                        crc = google_crc32c.extend(crc, data)
+                        sha.update(data)
+                        received += len(data)
+                        request.read_offset = received
+                        attempt = 0
+                break
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+                if error.code not in RETRYABLE or attempt >= self.retries or info is None:
+                    raise error from None
+                attempt += 1
+                time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+        assert info is not None
+        if received != info.size:
+            raise errors.DataLossError(f"received {received} bytes of {key!r}, expected {info.size}")
+        if info.crc32c is not None and crc != info.crc32c:
+            raise errors.DataLossError(f"{key!r} failed its whole-object CRC32C check")
+        if info.sha256 and sha.hexdigest() != info.sha256:
+            raise errors.DataLossError(f"{key!r} failed its whole-object SHA-256 check")
+        return info
+
+    # ------------------------------------------------------------------ metadata
+
+    def stat(self, key: str, storage_type: str = "data") -> ObjectInfo:
+        request = pb.StatRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
+        with _translated():
+            response = self._stub.Stat(request, timeout=self.timeout, metadata=self._metadata)
+        return ObjectInfo.from_pb(response.object)
+
+    def exists(self, key: str, storage_type: str = "data") -> bool:
+        try:
+            self.stat(key, storage_type)
+        except errors.NotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str, storage_type: str = "data", *, if_generation_match: int | None = None) -> None:
+        """Deletes `key`; NotFoundError when it does not exist."""
+        request = pb.DeleteRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
+        if if_generation_match is not None:
+            request.if_generation_match = if_generation_match
+        with _translated():
+            self._stub.Delete(request, timeout=self.timeout, metadata=self._metadata)
+
+    def list(self, prefix: str | None = None, storage_type: str = "data") -> builtins.list[str]:
+        """Every key starting with `prefix`, in key order."""
+        return list(self.iter_list(prefix, storage_type))
+
+    def iter_list(
+        self, prefix: str | None = None, storage_type: str = "data", *, page_size: int = 1000
+    ) -> Iterator[str]:
+        """Keys starting with `prefix`, fetched a page at a time as you iterate."""
+        for info in self.iter_objects(prefix, storage_type, page_size=page_size):
+            yield info.key
+
+    def iter_objects(
+        self, prefix: str | None = None, storage_type: str = "data", *, page_size: int = 1000
+    ) -> Iterator[ObjectInfo]:
+        request = pb.ListRequest(
+            prefix=prefix or "",
+            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
+            page_size=page_size,
+        )
+        while True:
+            with _translated():
+                response = self._stub.List(request, timeout=self.timeout, metadata=self._metadata)
+            for message in response.objects:
+                yield ObjectInfo.from_pb(message)
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def list_prefixes(
+        self, prefix: str | None = None, delimiter: str = "/", storage_type: str = "data"
+    ) -> tuple[builtins.list[str], builtins.list[str]]:
+        """One level of a key hierarchy: (keys directly under prefix, sub-prefixes)."""
+        keys: builtins.list[str] = []
+        prefixes: builtins.list[str] = []
+        request = pb.ListRequest(
+            prefix=prefix or "",
+            delimiter=delimiter,
+            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
+        )
+        while True:
+            with _translated():
+                response = self._stub.List(request, timeout=self.timeout, metadata=self._metadata)
+            keys.extend(message.key for message in response.objects)
+            prefixes.extend(response.prefixes)
+            if not response.next_page_token:
+                return keys, prefixes
+            request.page_token = response.next_page_token
+
+
+@contextmanager
+def _open_for_reading(file: PathOrFile) -> Iterator[BinaryIO]:
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as fobj:
+            yield fobj
+        return
+    if isinstance(file, io.TextIOBase):
+        # A text-mode file (as in the original guide's example): send its bytes untouched.
+        buffer = getattr(file, "buffer", None)
+        if buffer is not None:
+            file.flush() if file.writable() else None
+            yield buffer
+            return
+    yield file  # type: ignore[misc]

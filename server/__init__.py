@@ -1,0 +1,1 @@
+"""The blobstore server: gRPC service, storage engine, signed-URL HTTP endpoint."""

@@ -1,0 +1,116 @@
+"""Server assembly: engine + gRPC servicer on one event loop, and the process around them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+
+from blobstore.server.engine import Engine, EngineConfig, open_engine
+from blobstore.server.service import ErrorInterceptor, StorageServicer
+from blobstore.v1 import storage_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MESSAGE_OVERHEAD = 64 << 10
+
+
+@dataclass
+class ServerConfig:
+    data_dir: str = "./data"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # In-flight transfers get this long to finish at shutdown, then UNAVAILABLE.
+    shutdown_grace_s: float = 30.0
+    # Largest gRPC message accepted: 4 MiB of data plus framing.
+    max_message_bytes: int = (4 << 20) + MESSAGE_OVERHEAD
+    reap_interval_s: float = 60.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+class BlobstoreServer:
+    """A running server: call start(), then stop() (or wait_for_termination())."""
+
+    def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine = engine or open_engine(config.data_dir, config.engine)
+        self.servicer = StorageServicer(self.engine, max_message_bytes=config.max_message_bytes)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        pb_grpc.add_StorageServicer_to_server(self.servicer, self.grpc)
+        self.ports: dict[str, int] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.ports['grpc']}"
+
+    async def start(self) -> None:
+        swept = await asyncio.get_running_loop().run_in_executor(None, self.engine.startup_sweep)
+        log.info("start-up sweep: %s", swept)
+        host = self.config.host
+        bind = f"[{host}]" if ":" in host else host
+        self.ports["grpc"] = self.grpc.add_insecure_port(f"{bind}:{self.config.port}")
+        if self.ports["grpc"] == 0:
+            raise OSError(f"cannot bind gRPC on {host}:{self.config.port}")
+        await self.grpc.start()
+        self._background.append(asyncio.create_task(self._reap_forever()))
+        log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reap_interval_s)
+            try:
+                while await self.engine.reap_expired() > 0:
+                    pass
+            except Exception:
+                log.exception("reaping expired objects failed; will try again")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets in-flight ones finish within the grace period, then closes the store."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        for task in self._background:
+            task.cancel()
+        stopping = asyncio.create_task(self.grpc.stop(grace + 1.0))
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), timeout=grace)
+        except TimeoutError:
+            # Transfers still running stop at their next message with UNAVAILABLE.
+            self.servicer.stopping = True
+        await stopping
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def create_server(config: ServerConfig, engine: Engine | None = None) -> tuple[BlobstoreServer, dict[str, int]]:
+    """Builds and starts a server; with port 0 the OS picks free ports, returned here."""
+    server = BlobstoreServer(config, engine)
+    await server.start()
+    return server, server.ports
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    server, _ = await create_server(config)
+    loop = asyncio.get_running_loop()
+    shutdown = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, shutdown.set)
+    await shutdown.wait()
+    log.info("shutting down: finishing in-flight calls for up to %.0fs", config.shutdown_grace_s)
+    await server.stop()
+    log.info("stopped")

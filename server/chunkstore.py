@@ -1,0 +1,145 @@
+"""The chunk store: immutable content-addressed chunks, and its file backend.
+
+The interface is what an object store can do cheaply and idempotently: put by
+hash, ranged read, exists, delete, iterate. Chunks never change once written,
+so a put of an existing name is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Protocol
+
+from blobstore.server import errors
+
+
+class ChunkStore(Protocol):
+    def put(self, digest: bytes, data: bytes | memoryview) -> None:
+        """Stores `data` under its SHA-256 `digest`; its bytes are durable on return."""
+        ...
+
+    def sync(self) -> None:
+        """Makes the names of every chunk put so far durable (a barrier before a commit)."""
+        ...
+
+    def read(self, digest: bytes, offset: int = 0, length: int = -1) -> bytes:
+        """Raises FileNotFoundError when the chunk does not exist."""
+        ...
+
+    def exists(self, digest: bytes) -> bool: ...
+
+    def delete(self, digest: bytes) -> None: ...
+
+    def iter_digests(self) -> Iterator[bytes]: ...
+
+    def local_path(self, digest: bytes) -> str | None:
+        """A file holding the chunk, for zero-copy sends; None when not on local disk."""
+        ...
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def _raise_disk_error(exc: OSError) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise errors.ResourceExhausted("no space left on the device holding the chunk store") from exc
+    raise exc
+
+
+class FileChunkStore:
+    """One file per chunk at chunks/ab/cd/<sha256 hex>, written tmp -> fdatasync -> rename."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._chunks = os.path.join(root, "chunks")
+        self._tmp = os.path.join(root, "tmp")
+        os.makedirs(self._chunks, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
+
+    def path(self, digest: bytes) -> str:
+        name = digest.hex()
+        return os.path.join(self._chunks, name[:2], name[2:4], name)
+
+    local_path = path
+
+    def put(self, digest: bytes, data: bytes | memoryview) -> None:
+        final = self.path(digest)
+        try:
+            existing = os.open(final, os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            # Another writer stored it, possibly not yet flushed: make it durable for us too.
+            try:
+                os.fdatasync(existing)
+            finally:
+                os.close(existing)
+            return
+        tmp = os.path.join(self._tmp, uuid.uuid4().hex)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.rename(tmp, final)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            _raise_disk_error(exc)
+
+    def sync(self) -> None:
+        fd = os.open(self._chunks, os.O_RDONLY)
+        try:
+            if _syncfs is not None and _syncfs(fd) == 0:
+                return
+            os.sync()
+        finally:
+            os.close(fd)
+
+    def read(self, digest: bytes, offset: int = 0, length: int = -1) -> bytes:
+        with open(self.path(digest), "rb", buffering=0) as f:
+            if length < 0:
+                length = os.fstat(f.fileno()).st_size - offset
+            return os.pread(f.fileno(), length, offset)
+
+    def exists(self, digest: bytes) -> bool:
+        return os.path.exists(self.path(digest))
+
+    def delete(self, digest: bytes) -> None:
+        try:
+            os.unlink(self.path(digest))
+        except FileNotFoundError:
+            pass
+
+    def iter_digests(self) -> Iterator[bytes]:
+        for _dirpath, _, filenames in os.walk(self._chunks):
+            for name in filenames:
+                if len(name) == 64:
+                    try:
+                        yield bytes.fromhex(name)
+                    except ValueError:
+                        continue
+
+    def clear_tmp(self) -> int:
+        """Removes temp files left by a crash; returns how many."""
+        removed = 0
+        for name in os.listdir(self._tmp):
+            os.unlink(os.path.join(self._tmp, name))
+            removed += 1
+        return removed

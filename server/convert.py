@@ -1,0 +1,42 @@
+"""Translation between protobuf messages and the engine's domain types."""
+
+from __future__ import annotations
+
+from blobstore.server.model import ObjectInfo, StorageType, UploadSpec
+from blobstore.v1 import storage_pb2 as pb
+
+
+def object_to_pb(info: ObjectInfo) -> pb.Object:
+    message = pb.Object(
+        key=info.key,
+        storage_type=info.storage_type.value,  # type: ignore[arg-type]
+        size=info.size,
+        generation=info.generation,
+        content_type=info.content_type,
+        metadata=info.metadata,
+        checksums=pb.ObjectChecksums(crc32c=info.crc32c, sha256=info.sha256),
+    )
+    message.create_time.FromNanoseconds(info.create_time_ns)
+    message.update_time.FromNanoseconds(info.update_time_ns)
+    if info.expire_time_ns:
+        message.expire_time.FromNanoseconds(info.expire_time_ns)
+    return message
+
+
+def storage_type(number: int) -> StorageType:
+    return StorageType.from_number(number)
+
+
+def optional_int(message: object, field: str) -> int | None:
+    return getattr(message, field) if message.HasField(field) else None  # type: ignore[attr-defined]
+
+
+def upload_spec(spec: pb.UploadSpec) -> UploadSpec:
+    return UploadSpec(
+        key=spec.key,
+        storage_type=storage_type(spec.storage_type),
+        content_type=spec.content_type,
+        metadata=dict(spec.metadata),
+        declared_size=optional_int(spec, "size"),
+        if_generation_match=optional_int(spec, "if_generation_match"),
+    )

@@ -1,0 +1,805 @@
+"""The storage engine: validation, chunking, checksums, atomic commits, garbage collection.
+
+No gRPC or HTTP in here: the gRPC servicer and the signed-URL handler both call
+this. Commit order for a chunked value: every chunk durable in the chunk store,
+then one index transaction that makes the new version visible and moves the
+reference counts. A crash anywhere before that transaction leaves the old
+version and some unreferenced chunk files, which the start-up sweep removes.
+
+Chunks in use by an upload or a download that has not finished are pinned in
+memory, so that garbage collection never deletes a chunk an in-flight
+transfer is about to reference or read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import google_crc32c
+
+from blobstore.internal import records_pb2 as rec
+from blobstore.server import errors, schema
+from blobstore.server.chunkstore import ChunkStore
+from blobstore.server.index import Index, IndexReader, IndexWriter
+from blobstore.server.model import (
+    ByteRange,
+    Caller,
+    ListPage,
+    ObjectInfo,
+    Role,
+    StorageType,
+    UploadSpec,
+    validate_key,
+    validate_metadata,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NS_PER_DAY = 86_400 * 10**9
+
+
+@dataclass
+class EngineConfig:
+    chunk_size: int = 1 << 20
+    # Values up to this size live inside the index record: no file I/O at all.
+    inline_threshold: int = 64 << 10
+    # Largest value for the unary Set/Get calls; larger ones stream.
+    max_unary_value: int = 1 << 20
+    tmp_ttl_ns: int = 7 * NS_PER_DAY
+    upload_session_ttl_ns: int = 7 * NS_PER_DAY
+    default_page_size: int = 1000
+    max_page_size: int = 10_000
+    max_batch_entries: int = 1000
+    # Chunks of one upload hashed and written concurrently.
+    upload_pipeline_depth: int = 3
+    # Chunks of one download read ahead.
+    download_readahead: int = 2
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    return int(google_crc32c.value(data))
+
+
+def crc32c_extend(crc: int, data: bytes | memoryview) -> int:
+    return int(google_crc32c.extend(crc, data))
+
+
+class Engine:
+    def __init__(
+        self,
+        index: Index,
+        chunks: ChunkStore,
+        config: EngineConfig | None = None,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        executor: Executor | None = None,
+    ) -> None:
+        self.index = index
+        self.chunks = chunks
+        self.config = config or EngineConfig()
+        self.clock = clock
+        self._own_executor = executor is None
+        self.executor: Executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="blobstore-io")
+        self._pins: Counter[bytes] = Counter()
+        self._pin_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self.index.close()
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
+
+    def startup_sweep(self) -> dict[str, int]:
+        """Removes what a crash can leave behind: temp files and chunk files no record references.
+
+        Runs before the server accepts requests, so nothing is pinned yet.
+        """
+        removed_tmp = 0
+        clear_tmp = getattr(self.chunks, "clear_tmp", None)
+        if clear_tmp is not None:
+            removed_tmp = clear_tmp()
+        removed = 0
+        with self.index.reader() as r:
+            for digest in self.chunks.iter_digests():
+                if r.get(schema.CHUNKS, digest) is None:
+                    self.chunks.delete(digest)
+                    removed += 1
+        if removed or removed_tmp:
+            log.info("start-up sweep removed %d unreferenced chunks and %d temp files", removed, removed_tmp)
+        return {"unreferenced_chunks": removed, "temp_files": removed_tmp}
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _commit(self, op: Callable[[IndexWriter], T]) -> T:
+        return await asyncio.wrap_future(self.index.submit(op))
+
+    def _check_readable(self, caller: Caller, storage_type: StorageType) -> None:
+        if storage_type is StorageType.PRODUCTS and not caller.has(Role.CATALOG):
+            raise errors.ForbiddenByStorageType(
+                "objects of storage type products are read and removed through the catalog; "
+                "users may only upload, stat and list them"
+            )
+
+    _check_deletable = _check_readable
+
+    def _live(self, record: rec.ObjectRecord | None) -> rec.ObjectRecord | None:
+        if record is None:
+            return None
+        if record.expire_time_ns and record.expire_time_ns <= self.clock():
+            return None
+        return record
+
+    def _read_record(self, r: IndexReader, okey: bytes) -> rec.ObjectRecord | None:
+        raw = r.get(schema.OBJECTS, okey)
+        if raw is None:
+            return None
+        return self._live(rec.ObjectRecord.FromString(raw))
+
+    def _info(self, key: str, storage_type: StorageType, record: rec.ObjectRecord) -> ObjectInfo:
+        return ObjectInfo(
+            key=key,
+            storage_type=storage_type,
+            size=record.size,
+            generation=record.generation,
+            content_type=record.content_type,
+            metadata=dict(record.metadata),
+            create_time_ns=record.create_time_ns,
+            update_time_ns=record.update_time_ns,
+            crc32c=record.crc32c,
+            sha256=record.sha256,
+            expire_time_ns=record.expire_time_ns,
+        )
+
+    def _not_found(self, key: str, storage_type: StorageType) -> errors.NotFound:
+        return errors.NotFound(f"no object {key!r} in storage type {storage_type.label}")
+
+    # ------------------------------------------------------------------ pins and garbage
+
+    def _pin(self, digests: Iterable[bytes]) -> None:
+        with self._pin_lock:
+            self._pins.update(digests)
+
+    def _unpin_and_collect(self, digests: Iterable[bytes]) -> None:
+        freed = []
+        with self._pin_lock:
+            for digest in digests:
+                self._pins[digest] -= 1
+                if self._pins[digest] <= 0:
+                    del self._pins[digest]
+                    freed.append(digest)
+        if freed:
+            self._collect(freed)
+
+    def _collect(self, digests: Iterable[bytes]) -> None:
+        """Deletes the chunk files that nothing references and nothing in flight holds."""
+        # The pin lock is held across the check and the unlink: an upload pins a
+        # chunk before it looks for it, so it either sees the file gone and writes
+        # it again, or its pin keeps the file here.
+        with self._pin_lock, self.index.reader() as r:
+            for digest in digests:
+                if digest in self._pins or r.get(schema.CHUNKS, digest) is not None:
+                    continue
+                self.chunks.delete(digest)
+
+    def _collect_later(self, digests: list[bytes]) -> None:
+        if digests:
+            self.executor.submit(self._collect, digests)
+
+    # ------------------------------------------------------------------ index transactions
+
+    @staticmethod
+    def _next_generation(txn: IndexWriter) -> int:
+        raw = txn.get(schema.META, schema.META_GENERATION)
+        generation = (schema.unpack_u64(raw) if raw else 0) + 1
+        txn.put(schema.META, schema.META_GENERATION, schema.pack_u64(generation))
+        return generation
+
+    @staticmethod
+    def _add_usage(txn: IndexWriter, namespace: str, *, size: int = 0, objects: int = 0, uploads: int = 0) -> None:
+        key = namespace.encode()
+        raw = txn.get(schema.USAGE, key)
+        usage = rec.UsageRecord.FromString(raw) if raw else rec.UsageRecord()
+        usage.bytes += size
+        usage.objects += objects
+        usage.open_uploads += uploads
+        txn.put(schema.USAGE, key, usage.SerializeToString())
+
+    @staticmethod
+    def _incref(txn: IndexWriter, refs: Iterable[rec.ChunkRef]) -> None:
+        for ref in refs:
+            raw = txn.get(schema.CHUNKS, ref.sha256)
+            chunk = rec.ChunkRecord.FromString(raw) if raw else rec.ChunkRecord(size=ref.size, crc32c=ref.crc32c)
+            chunk.refcount += 1
+            txn.put(schema.CHUNKS, ref.sha256, chunk.SerializeToString())
+
+    @staticmethod
+    def _decref(txn: IndexWriter, refs: Iterable[rec.ChunkRef]) -> list[bytes]:
+        released = []
+        for ref in refs:
+            raw = txn.get(schema.CHUNKS, ref.sha256)
+            if raw is None:
+                continue
+            chunk = rec.ChunkRecord.FromString(raw)
+            chunk.refcount -= 1
+            if chunk.refcount <= 0:
+                txn.delete(schema.CHUNKS, ref.sha256)
+                released.append(bytes(ref.sha256))
+            else:
+                txn.put(schema.CHUNKS, ref.sha256, chunk.SerializeToString())
+        return released
+
+    def _remove_record(self, txn: IndexWriter, namespace: str, okey: bytes, record: rec.ObjectRecord) -> list[bytes]:
+        txn.delete(schema.OBJECTS, okey)
+        if record.expire_time_ns:
+            txn.delete(schema.EXPIRY, schema.expiry_key(record.expire_time_ns, okey))
+        self._add_usage(txn, namespace, size=-record.size, objects=-1)
+        return self._decref(txn, record.chunks)
+
+    def _commit_op(
+        self,
+        namespace: str,
+        storage_type: StorageType,
+        key: str,
+        draft: rec.ObjectRecord,
+        if_generation_match: int | None,
+    ) -> Callable[[IndexWriter], tuple[rec.ObjectRecord, list[bytes]]]:
+        """The transaction that makes `draft` the current version of a key."""
+        okey = schema.object_key(namespace, storage_type, key)
+
+        def op(txn: IndexWriter) -> tuple[rec.ObjectRecord, list[bytes]]:
+            now = self.clock()
+            raw = txn.get(schema.OBJECTS, okey)
+            stored = rec.ObjectRecord.FromString(raw) if raw else None
+            current = self._live(stored)
+            if if_generation_match is not None:
+                current_generation = current.generation if current else 0
+                if current_generation != if_generation_match:
+                    raise errors.GenerationMismatch(
+                        f"object {key!r} is at generation {current_generation}, "
+                        f"not {if_generation_match} as the write required"
+                        + (" (0: must not exist)" if if_generation_match == 0 else "")
+                    )
+            record = rec.ObjectRecord()
+            record.CopyFrom(draft)
+            record.generation = self._next_generation(txn)
+            record.create_time_ns = current.create_time_ns if current else now
+            record.update_time_ns = now
+            if storage_type is StorageType.TMP:
+                record.expire_time_ns = now + self.config.tmp_ttl_ns
+                txn.put(schema.EXPIRY, schema.expiry_key(record.expire_time_ns, okey), b"")
+            # New references first, so a chunk shared by both versions never drops to zero.
+            self._incref(txn, record.chunks)
+            released: list[bytes] = []
+            if stored is not None:
+                released = self._remove_record(txn, namespace, okey, stored)
+            self._add_usage(txn, namespace, size=record.size, objects=1)
+            txn.put(schema.OBJECTS, okey, record.SerializeToString())
+            return record, released
+
+        return op
+
+    # ------------------------------------------------------------------ writes
+
+    def _validate_write(self, caller: Caller, spec: UploadSpec) -> None:
+        validate_key(spec.key)
+        validate_metadata(spec.metadata)
+        if spec.if_generation_match is not None and spec.if_generation_match < 0:
+            raise errors.InvalidArgument("if_generation_match must be 0 (must not exist) or a generation")
+        if spec.declared_size is not None and spec.declared_size < 0:
+            raise errors.InvalidArgument("size must not be negative")
+
+    async def set(
+        self,
+        caller: Caller,
+        storage_type: StorageType,
+        key: str,
+        value: bytes,
+        *,
+        content_type: str = "",
+        metadata: dict[str, str] | None = None,
+        if_generation_match: int | None = None,
+        crc32c_expected: int | None = None,
+    ) -> ObjectInfo:
+        spec = UploadSpec(key, storage_type, content_type, dict(metadata or {}), None, if_generation_match)
+        self._validate_write(caller, spec)
+        if len(value) > self.config.max_unary_value:
+            raise errors.InvalidArgument(
+                f"value is {len(value)} bytes; Set takes at most {self.config.max_unary_value}: "
+                "stream larger values with Upload"
+            )
+        value_crc = crc32c(value)
+        if crc32c_expected is not None and crc32c_expected != value_crc:
+            raise errors.ChecksumMismatch(
+                f"value CRC32C is {value_crc:#010x}, the request said {crc32c_expected:#010x}; nothing was stored"
+            )
+        upload = self.new_upload(caller, spec)
+        try:
+            await upload.write(0, value, known_crc32c=value_crc)
+            return await upload.finish()
+        finally:
+            await upload.abort()
+
+    def new_upload(self, caller: Caller, spec: UploadSpec) -> UploadWriter:
+        self._validate_write(caller, spec)
+        return UploadWriter(self, caller, spec)
+
+    async def delete(
+        self, caller: Caller, storage_type: StorageType, key: str, *, if_generation_match: int | None = None
+    ) -> None:
+        validate_key(key)
+        self._check_deletable(caller, storage_type)
+        okey = schema.object_key(caller.namespace, storage_type, key)
+
+        def op(txn: IndexWriter) -> list[bytes]:
+            raw = txn.get(schema.OBJECTS, okey)
+            stored = rec.ObjectRecord.FromString(raw) if raw else None
+            current = self._live(stored)
+            if current is None:
+                raise self._not_found(key, storage_type)
+            if if_generation_match is not None and current.generation != if_generation_match:
+                raise errors.GenerationMismatch(
+                    f"object {key!r} is at generation {current.generation}, not {if_generation_match}"
+                )
+            assert stored is not None
+            return self._remove_record(txn, caller.namespace, okey, stored)
+
+        released = await self._commit(op)
+        self._collect_later(released)
+
+    # ------------------------------------------------------------------ reads
+
+    def stat(self, caller: Caller, storage_type: StorageType, key: str) -> ObjectInfo:
+        validate_key(key)
+        with self.index.reader() as r:
+            record = self._read_record(r, schema.object_key(caller.namespace, storage_type, key))
+        if record is None:
+            raise self._not_found(key, storage_type)
+        return self._info(key, storage_type, record)
+
+    def exists(self, caller: Caller, storage_type: StorageType, key: str) -> bool:
+        try:
+            self.stat(caller, storage_type, key)
+        except errors.NotFound:
+            return False
+        return True
+
+    async def get(
+        self, caller: Caller, storage_type: StorageType, key: str, *, generation: int | None = None
+    ) -> tuple[ObjectInfo, bytes]:
+        validate_key(key)
+        self._check_readable(caller, storage_type)
+        okey = schema.object_key(caller.namespace, storage_type, key)
+        with self.index.reader() as r:
+            record = self._read_record(r, okey)
+        if record is None:
+            raise self._not_found(key, storage_type)
+        self._check_generation(key, record, generation)
+        if record.size > self.config.max_unary_value:
+            raise errors.ObjectTooLargeForUnary(
+                f"object {key!r} is {record.size} bytes; Get returns at most "
+                f"{self.config.max_unary_value}: use Download"
+            )
+        if not record.chunks:
+            return self._info(key, storage_type, record), bytes(record.inline_data)
+        record = self._pin_record(okey, key, storage_type, record.generation)
+        try:
+            parts = [await self._run(self._read_chunk, ref) for ref in record.chunks]
+        finally:
+            self._unpin_and_collect([ref.sha256 for ref in record.chunks])
+        return self._info(key, storage_type, record), b"".join(parts)
+
+    @staticmethod
+    def _check_generation(key: str, record: rec.ObjectRecord, generation: int | None) -> None:
+        if generation is not None and record.generation != generation:
+            raise errors.GenerationMismatch(
+                f"object {key!r} is now at generation {record.generation}, not {generation}: it changed"
+            )
+
+    def _pin_record(self, okey: bytes, key: str, storage_type: StorageType, generation: int) -> rec.ObjectRecord:
+        """Pins the chunks of generation `generation` of a key, or raises if it is gone."""
+        with self.index.reader() as r:
+            record = self._read_record(r, okey)
+        if record is None:
+            raise self._not_found(key, storage_type)
+        self._check_generation(key, record, generation)
+        digests = [bytes(ref.sha256) for ref in record.chunks]
+        self._pin(digests)
+        # The record may have been replaced (and its chunks freed) before the pin took hold.
+        with self.index.reader() as r:
+            again = self._read_record(r, okey)
+        if again is None or again.generation != record.generation:
+            self._unpin_and_collect(digests)
+            if again is None:
+                raise self._not_found(key, storage_type)
+            self._check_generation(key, again, generation)
+        return record
+
+    def _read_chunk(self, ref: rec.ChunkRef) -> bytes:
+        try:
+            data = self.chunks.read(ref.sha256)
+        except FileNotFoundError:
+            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is missing from the chunk store") from None
+        if len(data) != ref.size or crc32c(data) != ref.crc32c:
+            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
+        return data
+
+    async def open_download(
+        self,
+        caller: Caller,
+        storage_type: StorageType,
+        key: str,
+        *,
+        offset: int = 0,
+        limit: int = 0,
+        generation: int | None = None,
+    ) -> Download:
+        validate_key(key)
+        self._check_readable(caller, storage_type)
+        if offset < 0 or limit < 0:
+            raise errors.InvalidArgument("read_offset and read_limit must not be negative")
+        okey = schema.object_key(caller.namespace, storage_type, key)
+        with self.index.reader() as r:
+            record = self._read_record(r, okey)
+        if record is None:
+            raise self._not_found(key, storage_type)
+        self._check_generation(key, record, generation)
+        if offset > record.size:
+            raise errors.OutOfRange(f"read_offset {offset} is past the end of {key!r} ({record.size} bytes)")
+        end = record.size if limit == 0 else min(record.size, offset + limit)
+        if record.chunks:
+            record = self._pin_record(okey, key, storage_type, record.generation)
+        return Download(self, self._info(key, storage_type, record), record, ByteRange(offset, end, record.size))
+
+    # ------------------------------------------------------------------ listing
+
+    def list(
+        self,
+        caller: Caller,
+        storage_type: StorageType,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> ListPage:
+        if page_size < 0:
+            raise errors.InvalidArgument("page_size must not be negative")
+        if page_size > self.config.max_page_size:
+            raise errors.InvalidArgument(f"page_size is at most {self.config.max_page_size}")
+        page_size = page_size or self.config.default_page_size
+        if prefix:
+            validate_key(prefix)
+        if len(delimiter) > 1 or (delimiter and ord(delimiter) < 32):
+            raise errors.InvalidArgument("delimiter must be one printable character")
+        base = schema.object_prefix(caller.namespace, storage_type)
+        start = base + prefix.encode()
+        if page_token:
+            start = self._decode_page_token(page_token, base, prefix)
+        stop = base + prefix.encode() + b"\xff"  # UTF-8 never contains 0xff
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        last: bytes | None = None
+        now = self.clock()
+        more = False
+        with self.index.reader() as r:
+            while True:
+                restart = None
+                for raw_key, raw_value in r.scan(schema.OBJECTS, start, stop):
+                    if len(objects) + len(prefixes) >= page_size:
+                        more = True
+                        break
+                    key = bytes(raw_key[len(base) :]).decode()
+                    if delimiter:
+                        cut = key.find(delimiter, len(prefix))
+                        if cut >= 0:
+                            common = key[: cut + 1]
+                            prefixes.append(common)
+                            last = b"p" + common.encode()
+                            restart = base + common.encode() + b"\xff"
+                            break
+                    record = rec.ObjectRecord.FromString(raw_value)
+                    if record.expire_time_ns and record.expire_time_ns <= now:
+                        continue
+                    objects.append(self._info(key, storage_type, record))
+                    last = b"k" + key.encode()
+                if restart is None:
+                    break
+                start = restart
+        token = ""
+        if more and last is not None:
+            token = base64.urlsafe_b64encode(last).decode()
+        return ListPage(objects, prefixes, token)
+
+    @staticmethod
+    def _decode_page_token(token: str, base: bytes, prefix: str) -> bytes:
+        try:
+            raw = base64.urlsafe_b64decode(token.encode())
+            kind, position = raw[:1], raw[1:]
+            position.decode()
+        except (ValueError, UnicodeDecodeError):
+            raise errors.InvalidArgument("page_token is not one this server issued") from None
+        if kind not in (b"k", b"p") or not position.startswith(prefix.encode()):
+            raise errors.InvalidArgument("page_token does not belong to this listing")
+        # After a key: the smallest key greater than it. After a common prefix: past all its keys.
+        return base + position + (b"\x00" if kind == b"k" else b"\xff")
+
+    # ------------------------------------------------------------------ expiry
+
+    async def reap_expired(self, limit: int = 1000) -> int:
+        """Deletes tmp objects whose time has come; returns how many."""
+        now = self.clock()
+        due: list[bytes] = []
+        with self.index.reader() as r:
+            for raw_key, _ in r.scan(schema.EXPIRY, b"", schema.pack_u64(now + 1)):
+                due.append(bytes(raw_key))
+                if len(due) >= limit:
+                    break
+        if not due:
+            return 0
+
+        def op(txn: IndexWriter) -> tuple[int, list[bytes]]:
+            reaped, released = 0, []
+            for expiry in due:
+                expire_ns, okey = schema.split_expiry_key(expiry)
+                txn.delete(schema.EXPIRY, expiry)
+                raw = txn.get(schema.OBJECTS, okey)
+                if raw is None:
+                    continue
+                record = rec.ObjectRecord.FromString(raw)
+                if record.expire_time_ns != expire_ns or expire_ns > self.clock():
+                    continue
+                namespace, _, _ = schema.split_object_key(okey)
+                released += self._remove_record(txn, namespace, okey, record)
+                reaped += 1
+            return reaped, released
+
+        reaped, released = await self._commit(op)
+        self._collect_later(released)
+        return reaped
+
+    # ------------------------------------------------------------------ usage
+
+    def usage(self, namespace: str) -> rec.UsageRecord:
+        with self.index.reader() as r:
+            raw = r.get(schema.USAGE, namespace.encode())
+        return rec.UsageRecord.FromString(raw) if raw else rec.UsageRecord()
+
+
+class UploadWriter:
+    """Receives one object's bytes in order, chunks and stores them, then commits.
+
+    Chunks are hashed and written on worker threads while the caller receives
+    the next message; the whole-object SHA-256 is fed in order on the side.
+    Nothing is visible until finish() commits; abort() (or a failure) frees
+    whatever was stored.
+    """
+
+    def __init__(self, engine: Engine, caller: Caller, spec: UploadSpec) -> None:
+        self.engine = engine
+        self.caller = caller
+        self.spec = spec
+        self.size = 0
+        self._crc = 0
+        self._sha = hashlib.sha256()
+        self._buffer = bytearray()
+        self._refs: list[rec.ChunkRef] = []
+        self._pending: list[asyncio.Future[rec.ChunkRef]] = []
+        self._hash_tail: asyncio.Future[None] | None = None
+        self._pinned: list[bytes] = []
+        self._done = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    async def write(self, offset: int, data: bytes, *, known_crc32c: int | None = None) -> None:
+        if self._done:
+            raise errors.InvalidArgument("data after finish_write: the upload is already finished")
+        if offset != self.size:
+            raise errors.InvalidArgument(f"write_offset {offset} does not match the {self.size} bytes received so far")
+        if not data:
+            return
+        declared = self.spec.declared_size
+        if declared is not None and self.size + len(data) > declared:
+            raise errors.OutOfRange(
+                f"upload exceeds its declared size of {declared} bytes (received {self.size + len(data)})"
+            )
+        self._crc = crc32c_extend(self._crc, data) if known_crc32c is None or self.size else known_crc32c
+        self.size += len(data)
+        chunk_size = self.engine.config.chunk_size
+        view = memoryview(data)
+        if self._buffer:
+            take = min(len(view), chunk_size - len(self._buffer))
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == chunk_size:
+                chunk, self._buffer = bytes(self._buffer), bytearray()
+                await self._store(chunk)
+        while len(view) >= chunk_size:
+            # Whole chunks go straight from the message: no copy when data is exactly one chunk.
+            piece = data if len(view) == len(data) == chunk_size else bytes(view[:chunk_size])
+            view = view[chunk_size:]
+            await self._store(piece)
+        if view:
+            self._buffer += view
+
+    async def _store(self, chunk: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        previous = self._hash_tail
+        self._hash_tail = asyncio.ensure_future(self._feed_sha(previous, chunk))
+        self._pending.append(loop.run_in_executor(self.engine.executor, self._store_chunk, chunk))
+        if len(self._pending) >= self.engine.config.upload_pipeline_depth:
+            await self._drain(keep=self.engine.config.upload_pipeline_depth - 1)
+
+    async def _feed_sha(self, previous: asyncio.Future[None] | None, chunk: bytes) -> None:
+        if previous is not None:
+            await previous
+        await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._sha.update, chunk)
+
+    async def _drain(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            self._refs.append(await self._pending.pop(0))
+
+    def _store_chunk(self, chunk: bytes) -> rec.ChunkRef:
+        digest = hashlib.sha256(chunk).digest()
+        ref = rec.ChunkRef(sha256=digest, size=len(chunk), crc32c=crc32c(chunk))
+        engine = self.engine
+        engine._pin([digest])
+        self._pinned.append(digest)
+        with engine.index.reader() as r:
+            durable = r.get(schema.CHUNKS, digest) is not None
+        if not durable:
+            engine.chunks.put(digest, chunk)
+        return ref
+
+    async def finish(self, *, crc32c_expected: int | None = None, sha256_expected: bytes | None = None) -> ObjectInfo:
+        if self._done:
+            raise errors.InvalidArgument("the upload is already finished")
+        self._done = True
+        engine, spec = self.engine, self.spec
+        try:
+            if spec.declared_size is not None and self.size != spec.declared_size:
+                raise errors.OutOfRange(f"upload declared {spec.declared_size} bytes but sent {self.size}")
+            draft = rec.ObjectRecord(
+                size=self.size, content_type=spec.content_type, metadata=spec.metadata, crc32c=self._crc
+            )
+            if not self._refs and not self._pending and len(self._buffer) <= engine.config.inline_threshold:
+                draft.inline_data = bytes(self._buffer)
+                self._sha.update(self._buffer)
+            else:
+                if self._buffer:
+                    chunk, self._buffer = bytes(self._buffer), bytearray()
+                    await self._store(chunk)
+                await self._drain()
+                if self._hash_tail is not None:
+                    await self._hash_tail
+                draft.chunks.extend(self._refs)
+            draft.sha256 = self._sha.digest()
+            if crc32c_expected is not None and crc32c_expected != draft.crc32c:
+                raise errors.ChecksumMismatch(
+                    f"object CRC32C is {draft.crc32c:#010x}, the client said {crc32c_expected:#010x}; "
+                    "nothing was committed"
+                )
+            if sha256_expected and sha256_expected != draft.sha256:
+                raise errors.ChecksumMismatch("object SHA-256 differs from the client's; nothing was committed")
+            if draft.chunks:
+                await engine._run(engine.chunks.sync)
+            record, released = await engine._commit(
+                engine._commit_op(self.caller.namespace, spec.storage_type, spec.key, draft, spec.if_generation_match)
+            )
+        except BaseException:
+            await self.abort()
+            raise
+        engine._collect_later(released)
+        self._release_pins()
+        return engine._info(spec.key, spec.storage_type, record)
+
+    async def abort(self) -> None:
+        """Frees what this upload stored; harmless after finish or a previous abort."""
+        self._done = True
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                await future
+            except BaseException:  # the upload is being thrown away: its errors no longer matter
+                pass
+        if self._hash_tail is not None:
+            tail, self._hash_tail = self._hash_tail, None
+            try:
+                await tail
+            except BaseException:
+                pass
+        self._release_pins()
+
+    def _release_pins(self) -> None:
+        pinned, self._pinned = self._pinned, []
+        if pinned:
+            self.engine._unpin_and_collect(pinned)
+
+
+class Download:
+    """One ranged read of one object generation, its chunks pinned until close()."""
+
+    def __init__(self, engine: Engine, info: ObjectInfo, record: rec.ObjectRecord, byte_range: ByteRange) -> None:
+        self.engine = engine
+        self.info = info
+        self.range = byte_range
+        self._record = record
+        self._closed = False
+
+    async def pieces(self) -> AsyncIterator[tuple[bytes, int]]:
+        """Yields (data, crc32c of data) in order, at most one chunk each."""
+        start, end = self.range.start, self.range.end
+        record = self._record
+        if not record.chunks:
+            data = record.inline_data[start:end]
+            if data:
+                yield data, (record.crc32c if len(data) == record.size else crc32c(data))
+            return
+        wanted: list[tuple[rec.ChunkRef, int, int]] = []
+        position = 0
+        for ref in record.chunks:
+            lo, hi = position, position + ref.size
+            position = hi
+            if hi <= start:
+                continue
+            if lo >= end:
+                break
+            wanted.append((ref, max(start, lo) - lo, min(end, hi) - lo))
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        readahead = max(1, engine.config.download_readahead)
+        inflight: list[asyncio.Future[bytes]] = []
+        next_index = 0
+        try:
+            for ref, lo, hi in wanted:
+                while next_index < len(wanted) and len(inflight) < readahead:
+                    inflight.append(loop.run_in_executor(engine.executor, engine._read_chunk, wanted[next_index][0]))
+                    next_index += 1
+                data = await inflight.pop(0)
+                if lo == 0 and hi == ref.size:
+                    yield data, ref.crc32c
+                else:
+                    piece = data[lo:hi]
+                    yield piece, crc32c(piece)
+        finally:
+            for future in inflight:
+                future.cancel()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._record.chunks:
+                self.engine._unpin_and_collect([bytes(ref.sha256) for ref in self._record.chunks])
+
+
+def new_upload_id() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def open_engine(data_dir: str, config: EngineConfig | None = None, **kwargs: Any) -> Engine:
+    """The embedded default: LMDB index and file chunk store under one data folder."""
+    from blobstore.server.chunkstore import FileChunkStore
+    from blobstore.server.index import LmdbIndex
+
+    os.makedirs(data_dir, exist_ok=True)
+    index = LmdbIndex(os.path.join(data_dir, "index"))
+    chunks = FileChunkStore(os.path.join(data_dir, "store"))
+    return Engine(index, chunks, config, **kwargs)

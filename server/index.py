@@ -1,0 +1,216 @@
+"""The metadata index: a small transactional key-value interface and its LMDB backend.
+
+The engine keeps all of its logic in functions of a transaction (`IndexWriter`),
+so a backend only has to provide snapshot reads and serializable write
+transactions over named tables of bytes. A distributed backend (PostgreSQL)
+implements the same three protocols; nothing LMDB-specific leaks out of here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
+
+import lmdb
+
+from blobstore.server import errors, schema
+
+T = TypeVar("T")
+
+
+class IndexReader(Protocol):
+    def get(self, table: str, key: bytes) -> bytes | None: ...
+
+    def scan(self, table: str, start: bytes, stop: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Yields (key, value) for start <= key < stop in key order."""
+        ...
+
+
+class IndexWriter(IndexReader, Protocol):
+    def put(self, table: str, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, table: str, key: bytes) -> bool: ...
+
+
+class Index(Protocol):
+    def reader(self) -> Any:
+        """A context manager yielding an IndexReader over one consistent snapshot."""
+        ...
+
+    def submit(self, op: Callable[[IndexWriter], T]) -> Future[T]:
+        """Runs `op` in a write transaction; the future resolves once it is durable.
+
+        `op` must touch nothing but the transaction: a backend may run it again
+        after a conflict. If `op` raises, none of its writes take effect.
+        """
+        ...
+
+    def submit_many(self, ops: list[Callable[[IndexWriter], Any]]) -> list[Future[Any]]:
+        """Like submit for each op, committed together in one transaction when the
+        backend can; each op still succeeds or fails on its own."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _LmdbTxn:
+    __slots__ = ("_dbs", "_txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self._txn = txn
+        self._dbs = dbs
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        value = self._txn.get(key, db=self._dbs[table])
+        return value  # type: ignore[return-value]  # buffers=False: always bytes
+
+    def scan(self, table: str, start: bytes, stop: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        cursor = self._txn.cursor(db=self._dbs[table])
+        if not cursor.set_range(start):
+            return
+        for key, value in cursor.iternext():
+            if stop is not None and key >= stop:  # type: ignore[operator]
+                return
+            yield key, value  # type: ignore[misc]
+
+    def put(self, table: str, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value, db=self._dbs[table])
+
+    def delete(self, table: str, key: bytes) -> bool:
+        return bool(self._txn.delete(key, db=self._dbs[table]))
+
+
+_Job = tuple[Callable[[IndexWriter], Any], "Future[Any]"]
+_STOP = object()
+
+
+class LmdbIndex:
+    """LMDB with every write funnelled through one writer thread.
+
+    LMDB allows one write transaction at a time and binds it to a thread. The
+    writer thread drains whatever jobs are queued and runs them in one
+    transaction (group commit: one fsync for many requests), each job in a
+    nested transaction so that a failing job leaves the others intact.
+    """
+
+    DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data arrives
+    MAX_GROUP = 256
+
+    def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self._env = lmdb.open(
+            path,
+            map_size=map_size,
+            max_dbs=len(schema.ALL_TABLES) + 4,
+            max_readers=1024,
+            readahead=False,
+            sync=sync,
+            metasync=sync,
+        )
+        self._dbs = {name: self._env.open_db(name.encode()) for name in schema.ALL_TABLES}
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._writer = threading.Thread(target=self._run_writer, name="blobstore-index-writer", daemon=True)
+        self._writer.start()
+
+    @contextmanager
+    def reader(self) -> Iterator[IndexReader]:
+        with self._env.begin() as txn:
+            yield _LmdbTxn(txn, self._dbs)
+
+    def submit(self, op: Callable[[IndexWriter], T]) -> Future[T]:
+        return self.submit_many([op])[0]
+
+    def submit_many(self, ops: list[Callable[[IndexWriter], Any]]) -> list[Future[Any]]:
+        if self._closed:
+            raise errors.Unavailable("the index is closed")
+        jobs: list[_Job] = [(op, Future()) for op in ops]
+        self._queue.put(jobs)
+        return [future for _, future in jobs]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._env.close()
+
+    def stat(self) -> dict[str, int]:
+        info = self._env.info()
+        return {"map_size": info["map_size"], "used_bytes": (info["last_pgno"] + 1) * self._env.stat()["psize"]}
+
+    def _run_writer(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            jobs: list[_Job] = list(item)
+            stop_after = False
+            while len(jobs) < self.MAX_GROUP:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop_after = True
+                    break
+                jobs.extend(more)
+            self._run_group(jobs)
+            if stop_after:
+                return
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            with self._env.begin(write=True) as txn:
+                for op, future in jobs:
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    child = self._env.begin(write=True, parent=txn)
+                    try:
+                        result = op(_LmdbTxn(child, self._dbs))
+                    except BaseException as failure:  # reported to the job's caller
+                        child.abort()
+                        outcomes.append((future, None, _translate(failure)))
+                    else:
+                        child.commit()
+                        outcomes.append((future, result, None))
+        except BaseException as commit_failure:  # the commit itself failed: nothing took effect
+            translated = _translate(commit_failure)
+            for _, future in jobs:
+                if not future.done():
+                    future.set_exception(translated)
+            return
+        for future, result, exc in outcomes:
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, lmdb.MapFullError):
+        return errors.ResourceExhausted("the metadata index is full (raise its map size)")
+    if isinstance(exc, lmdb.Error):
+        code: int | None = getattr(exc, "errno", None) or _errno_from_message(str(exc))
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return errors.ResourceExhausted("no space left on the device holding the metadata index")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted("no space left on the device holding the metadata index")
+    return exc
+
+
+def _errno_from_message(message: str) -> int | None:
+    if "No space left" in message:
+        return errno.ENOSPC
+    if "quota exceeded" in message.lower():
+        return errno.EDQUOT
+    return None

@@ -1,0 +1,63 @@
+"""Every table of the metadata index and how its keys are laid out.
+
+Tables map bytes to bytes; values are serialized records from
+protos/blobstore/internal/records.proto unless noted.
+
+  objects   namespace \\0 storage-type-number \\0 key  -> ObjectRecord
+  chunks    sha256 (32 bytes)                          -> ChunkRecord
+  uploads   upload id (ascii)                          -> UploadSessionRecord
+  expiry    expire time ns (8 bytes BE) + objects key  -> b"" (tmp reaper)
+  usage     namespace                                  -> UsageRecord
+  meta      name                                       -> raw bytes (counters, versions)
+"""
+
+from __future__ import annotations
+
+import struct
+
+from blobstore.server.model import StorageType
+
+OBJECTS = "objects"
+CHUNKS = "chunks"
+UPLOADS = "uploads"
+EXPIRY = "expiry"
+USAGE = "usage"
+META = "meta"
+
+ALL_TABLES = (OBJECTS, CHUNKS, UPLOADS, EXPIRY, USAGE, META)
+
+META_GENERATION = b"generation"
+META_SCHEMA_VERSION = b"schema_version"
+SCHEMA_VERSION = 1
+
+_SEP = b"\x00"
+_U64 = struct.Struct(">Q")
+
+
+def object_prefix(namespace: str, storage_type: StorageType) -> bytes:
+    return namespace.encode() + _SEP + str(storage_type.value).encode() + _SEP
+
+
+def object_key(namespace: str, storage_type: StorageType, key: str) -> bytes:
+    return object_prefix(namespace, storage_type) + key.encode()
+
+
+def split_object_key(raw: bytes) -> tuple[str, StorageType, str]:
+    namespace, type_number, key = raw.split(_SEP, 2)
+    return namespace.decode(), StorageType(int(type_number)), key.decode()
+
+
+def expiry_key(expire_time_ns: int, objects_key: bytes) -> bytes:
+    return _U64.pack(expire_time_ns) + objects_key
+
+
+def split_expiry_key(raw: bytes) -> tuple[int, bytes]:
+    return _U64.unpack_from(raw)[0], raw[_U64.size :]
+
+
+def pack_u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def unpack_u64(raw: bytes) -> int:
+    return int(_U64.unpack(raw)[0])

@@ -1,0 +1,273 @@
+"""The gRPC servicer: protobuf in, engine call, protobuf out. Nothing else lives here.
+
+Errors are not handled per method: ErrorInterceptor maps every BlobstoreError
+through the one table in server/status.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import google_crc32c
+import grpc
+
+from blobstore.server import errors, status
+from blobstore.server.convert import object_to_pb, optional_int, storage_type, upload_spec
+from blobstore.server.engine import Engine, UploadWriter
+from blobstore.server.model import ANONYMOUS, Caller
+from blobstore.v1 import storage_pb2 as pb
+from blobstore.v1 import storage_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+CallerResolver = Callable[[Context], Caller]
+
+
+def _anonymous(context: Context) -> Caller:
+    return ANONYMOUS
+
+
+class StorageServicer(pb_grpc.StorageServicer):
+    def __init__(self, engine: Engine, *, resolve_caller: CallerResolver = _anonymous, max_message_bytes: int) -> None:
+        self.engine = engine
+        self._caller = resolve_caller
+        self._max_message_bytes = max_message_bytes
+        # Set when the shutdown grace period is over: streams still running stop with UNAVAILABLE.
+        self.stopping = False
+
+    def _check_running(self) -> None:
+        if self.stopping:
+            raise errors.Unavailable("the server is shutting down; retry or resume against another server")
+
+    async def Set(self, request: pb.SetRequest, context: Context) -> pb.SetResponse:
+        info = await self.engine.set(
+            self._caller(context),
+            storage_type(request.storage_type),
+            request.key,
+            request.value,
+            content_type=request.content_type,
+            metadata=dict(request.metadata),
+            if_generation_match=optional_int(request, "if_generation_match"),
+            crc32c_expected=optional_int(request, "crc32c"),
+        )
+        return pb.SetResponse(object=object_to_pb(info))
+
+    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
+        info, value = await self.engine.get(
+            self._caller(context),
+            storage_type(request.storage_type),
+            request.key,
+            generation=optional_int(request, "generation"),
+        )
+        return pb.GetResponse(object=object_to_pb(info), value=value)
+
+    async def Upload(self, request_iterator: AsyncIterator[pb.UploadRequest], context: Context) -> pb.UploadResponse:
+        caller = self._caller(context)
+        writer: UploadWriter | None = None
+        finish: pb.UploadRequest | None = None
+        try:
+            async for request in request_iterator:
+                self._check_running()
+                if finish is not None:
+                    raise errors.InvalidArgument("message after finish_write; nothing was committed")
+                if writer is None:
+                    writer = self._open_upload(caller, request)
+                elif request.WhichOneof("first_message") is not None:
+                    raise errors.InvalidArgument("spec and upload_id belong in the first message only")
+                if request.data:
+                    if request.HasField("crc32c") and google_crc32c.value(request.data) != request.crc32c:
+                        raise errors.ChecksumMismatch(
+                            f"CRC32C of the data at write_offset {request.write_offset} does not match; "
+                            "nothing was committed"
+                        )
+                    await writer.write(
+                        request.write_offset,
+                        request.data,
+                        known_crc32c=request.crc32c if request.HasField("crc32c") else None,
+                    )
+                elif request.write_offset != writer.size:
+                    raise errors.InvalidArgument(
+                        f"write_offset {request.write_offset} does not match the {writer.size} bytes received so far"
+                    )
+                if request.finish_write:
+                    finish = request
+            if writer is None:
+                raise errors.InvalidArgument("empty upload stream: the first message must carry a spec")
+            if finish is None:
+                raise errors.InvalidArgument("the stream ended without finish_write; nothing was committed")
+            checksums = finish.object_checksums
+            info = await writer.finish(
+                crc32c_expected=checksums.crc32c if checksums.HasField("crc32c") else None,
+                sha256_expected=checksums.sha256 or None,
+            )
+            return pb.UploadResponse(object=object_to_pb(info), persisted_size=info.size)
+        finally:
+            if writer is not None:
+                await writer.abort()
+
+    def _open_upload(self, caller: Caller, request: pb.UploadRequest) -> UploadWriter:
+        first = request.WhichOneof("first_message")
+        if first == "spec":
+            return self.engine.new_upload(caller, upload_spec(request.spec))
+        if first == "upload_id":
+            raise errors.UploadNotFound(f"no upload session {request.upload_id!r}")
+        raise errors.InvalidArgument("the first Upload message must carry a spec or an upload_id")
+
+    async def Download(self, request: pb.DownloadRequest, context: Context) -> AsyncIterator[pb.DownloadResponse]:
+        download = await self.engine.open_download(
+            self._caller(context),
+            storage_type(request.storage_type),
+            request.key,
+            offset=request.read_offset,
+            limit=request.read_limit,
+            generation=optional_int(request, "generation"),
+        )
+        try:
+            first: pb.DownloadResponse | None = pb.DownloadResponse(
+                object=object_to_pb(download.info),
+                content_range=pb.ContentRange(
+                    start=download.range.start, end=download.range.end, complete_length=download.range.complete_length
+                ),
+            )
+            async for data, crc in download.pieces():
+                self._check_running()
+                if first is not None:
+                    first.data, first.crc32c = data, crc
+                    yield first
+                    first = None
+                else:
+                    yield pb.DownloadResponse(data=data, crc32c=crc)
+            if first is not None:
+                first.crc32c = google_crc32c.value(b"")
+                yield first
+        finally:
+            download.close()
+
+    async def Stat(self, request: pb.StatRequest, context: Context) -> pb.StatResponse:
+        info = self.engine.stat(self._caller(context), storage_type(request.storage_type), request.key)
+        return pb.StatResponse(object=object_to_pb(info))
+
+    async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
+        await self.engine.delete(
+            self._caller(context),
+            storage_type(request.storage_type),
+            request.key,
+            if_generation_match=optional_int(request, "if_generation_match"),
+        )
+        return pb.DeleteResponse()
+
+    async def List(self, request: pb.ListRequest, context: Context) -> pb.ListResponse:
+        page = self.engine.list(
+            self._caller(context),
+            storage_type(request.storage_type),
+            prefix=request.prefix,
+            delimiter=request.delimiter,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListResponse(
+            objects=[object_to_pb(info) for info in page.objects],
+            prefixes=page.prefixes,
+            next_page_token=page.next_page_token,
+        )
+
+    # Contract methods whose implementation has not landed yet answer UNIMPLEMENTED.
+    async def StartUpload(self, request: pb.StartUploadRequest, context: Context) -> pb.StartUploadResponse:
+        raise errors.Unimplemented("resumable upload sessions are not available yet")
+
+    async def QueryUpload(self, request: pb.QueryUploadRequest, context: Context) -> pb.QueryUploadResponse:
+        raise errors.Unimplemented("resumable upload sessions are not available yet")
+
+    async def CancelUpload(self, request: pb.CancelUploadRequest, context: Context) -> pb.CancelUploadResponse:
+        raise errors.Unimplemented("resumable upload sessions are not available yet")
+
+    async def CreateSignedUrl(self, request: pb.CreateSignedUrlRequest, context: Context) -> pb.CreateSignedUrlResponse:
+        raise errors.Unimplemented("signed URLs are not available yet")
+
+    async def BatchSet(self, request: pb.BatchSetRequest, context: Context) -> pb.BatchSetResponse:
+        raise errors.Unimplemented("batch calls are not available yet")
+
+    async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:
+        raise errors.Unimplemented("batch calls are not available yet")
+
+    async def GetLimits(self, request: pb.GetLimitsRequest, context: Context) -> pb.GetLimitsResponse:
+        caller = self._caller(context)
+        usage = self.engine.usage(caller.namespace)
+        config = self.engine.config
+        return pb.GetLimitsResponse(
+            namespace=caller.namespace,
+            max_unary_value_bytes=config.max_unary_value,
+            max_message_bytes=self._max_message_bytes,
+            chunk_size_bytes=config.chunk_size,
+            bytes=pb.Quota(used=usage.bytes),
+            objects=pb.Quota(used=usage.objects),
+            open_uploads=pb.Quota(used=usage.open_uploads),
+            max_batch_entries=config.max_batch_entries,
+        )
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to status codes for every method, once."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def _abort(context: Context, method: str, exc: BaseException) -> None:
+    if isinstance(exc, errors.BlobstoreError):
+        code = status.grpc_code(exc)
+        log.info("%s failed: %s %s", method, code.name, exc.message)
+        await context.abort(code, exc.message, trailing_metadata=((status.REASON_TRAILER, exc.reason),))
+    log.exception("%s failed unexpectedly", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: Context) -> Any:
+        try:
+            return await behavior(request, context)
+        except (errors.BlobstoreError, Exception) as exc:
+            await _abort(context, method, exc)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except (errors.BlobstoreError, Exception) as exc:
+            await _abort(context, method, exc)
+
+    return wrapper
