@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -278,6 +278,7 @@ class Engine:
                     )
             record = rec.ObjectRecord()
             record.CopyFrom(draft)
+            record.key = key
             record.generation = self._next_generation(txn)
             record.create_time_ns = current.create_time_ns if current else now
             record.update_time_ns = now
@@ -489,10 +490,10 @@ class Engine:
         if len(delimiter) > 1 or (delimiter and ord(delimiter) < 32):
             raise errors.InvalidArgument("delimiter must be one printable character")
         base = schema.object_prefix(caller.namespace, storage_type)
-        start = base + prefix.encode()
-        if page_token:
-            start = self._decode_page_token(page_token, base, prefix)
-        stop = base + prefix.encode() + b"\xff"  # UTF-8 never contains 0xff
+        after, skip_prefix = self._decode_page_token(page_token, prefix) if page_token else (None, None)
+        resume_from = after if skip_prefix is None else skip_prefix
+        start = base + schema.seek_key((resume_from or prefix).encode())
+        stop = base + schema.seek_key(prefix.encode()) + b"\xff"  # UTF-8 never contains 0xff
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
         last: bytes | None = None
@@ -501,24 +502,28 @@ class Engine:
         with self.index.reader() as r:
             while True:
                 restart = None
-                for raw_key, raw_value in r.scan(schema.OBJECTS, start, stop):
+                for key, record in self._entries_in_key_order(r, base, start, stop):
+                    if (after is not None and key <= after) or not key.startswith(prefix):
+                        continue
+                    if skip_prefix is not None and key.startswith(skip_prefix):
+                        continue
+                    if record.expire_time_ns and record.expire_time_ns <= now:
+                        continue
                     if len(objects) + len(prefixes) >= page_size:
                         more = True
                         break
-                    key = bytes(raw_key[len(base) :]).decode()
                     if delimiter:
                         cut = key.find(delimiter, len(prefix))
                         if cut >= 0:
                             common = key[: cut + 1]
                             prefixes.append(common)
                             last = b"p" + common.encode()
-                            restart = base + common.encode() + b"\xff"
+                            after = skip_prefix = common
+                            restart = base + schema.seek_key(common.encode() + b"\xff")
                             break
-                    record = rec.ObjectRecord.FromString(raw_value)
-                    if record.expire_time_ns and record.expire_time_ns <= now:
-                        continue
                     objects.append(self._info(key, storage_type, record))
                     last = b"k" + key.encode()
+                    after = key
                 if restart is None:
                     break
                 start = restart
@@ -528,17 +533,41 @@ class Engine:
         return ListPage(objects, prefixes, token)
 
     @staticmethod
-    def _decode_page_token(token: str, base: bytes, prefix: str) -> bytes:
+    def _entries_in_key_order(
+        r: IndexReader, base: bytes, start: bytes, stop: bytes
+    ) -> Iterator[tuple[str, rec.ObjectRecord]]:
+        """(key, record) in key order. Long keys sharing their truncated index key sit together
+        in hash order, so each such group is sorted before it is yielded."""
+        group: list[tuple[str, rec.ObjectRecord]] = []
+        group_head = b""
+        for raw_key, raw_value in r.scan(schema.OBJECTS, start, stop):
+            encoded = raw_key[len(base) :]
+            record = rec.ObjectRecord.FromString(raw_value)
+            if schema.is_long_key(encoded):
+                head = encoded[: schema.LONG_KEY_BYTES]
+                if group and head != group_head:
+                    yield from sorted(group, key=lambda entry: entry[0])
+                    group = []
+                group_head = head
+                group.append((record.key, record))
+                continue
+            if group:
+                yield from sorted(group, key=lambda entry: entry[0])
+                group = []
+            yield record.key or encoded.decode(), record
+        yield from sorted(group, key=lambda entry: entry[0])
+
+    @staticmethod
+    def _decode_page_token(token: str, prefix: str) -> tuple[str | None, str | None]:
+        """(list after this key, or None; skip keys with this common prefix, or None)."""
         try:
             raw = base64.urlsafe_b64decode(token.encode())
-            kind, position = raw[:1], raw[1:]
-            position.decode()
+            kind, position = raw[:1], raw[1:].decode()
         except (ValueError, UnicodeDecodeError):
             raise errors.InvalidArgument("page_token is not one this server issued") from None
-        if kind not in (b"k", b"p") or not position.startswith(prefix.encode()):
+        if kind not in (b"k", b"p") or not position.startswith(prefix):
             raise errors.InvalidArgument("page_token does not belong to this listing")
-        # After a key: the smallest key greater than it. After a common prefix: past all its keys.
-        return base + position + (b"\x00" if kind == b"k" else b"\xff")
+        return (position, None) if kind == b"k" else (position, position)
 
     # ------------------------------------------------------------------ expiry
 
@@ -565,7 +594,7 @@ class Engine:
                 record = rec.ObjectRecord.FromString(raw)
                 if record.expire_time_ns != expire_ns or expire_ns > self.clock():
                     continue
-                namespace, _, _ = schema.split_object_key(okey)
+                namespace, _ = schema.split_object_key(okey)
                 released += self._remove_record(txn, namespace, okey, record)
                 reaped += 1
             return reaped, released

@@ -4,6 +4,8 @@ Tables map bytes to bytes; values are serialized records from
 protos/blobstore/internal/records.proto unless noted.
 
   objects   namespace \\0 storage-type-number \\0 key  -> ObjectRecord
+            (keys over LONG_KEY_BYTES: their first LONG_KEY_BYTES bytes + SHA-256 of the
+            whole key, because LMDB keys are at most 511 bytes; the record holds the full key)
   chunks    sha256 (32 bytes)                          -> ChunkRecord
   uploads   upload id (ascii)                          -> UploadSessionRecord
   expiry    expire time ns (8 bytes BE) + objects key  -> b"" (tmp reaper)
@@ -13,6 +15,7 @@ protos/blobstore/internal/records.proto unless noted.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 from blobstore.server.model import StorageType
@@ -31,6 +34,11 @@ META_SCHEMA_VERSION = b"schema_version"
 SCHEMA_VERSION = 1
 
 _SEP = b"\x00"
+
+# With namespaces of at most 64 bytes, the longest index key (an expiry entry: 8 + 67 +
+# 400 + 32 bytes) stays within LMDB's 511-byte limit.
+LONG_KEY_BYTES = 400
+MAX_NAMESPACE_BYTES = 64
 _U64 = struct.Struct(">Q")
 
 
@@ -39,12 +47,29 @@ def object_prefix(namespace: str, storage_type: StorageType) -> bytes:
 
 
 def object_key(namespace: str, storage_type: StorageType, key: str) -> bytes:
-    return object_prefix(namespace, storage_type) + key.encode()
+    return object_prefix(namespace, storage_type) + encode_key(key.encode())
 
 
-def split_object_key(raw: bytes) -> tuple[str, StorageType, str]:
-    namespace, type_number, key = raw.split(_SEP, 2)
-    return namespace.decode(), StorageType(int(type_number)), key.decode()
+def encode_key(raw: bytes) -> bytes:
+    """Order-preserving except among long keys sharing their first LONG_KEY_BYTES bytes."""
+    if len(raw) <= LONG_KEY_BYTES:
+        return raw
+    return raw[:LONG_KEY_BYTES] + hashlib.sha256(raw).digest()
+
+
+def seek_key(raw: bytes) -> bytes:
+    """A position at or before every index key of an object key starting with `raw`."""
+    return raw[:LONG_KEY_BYTES]
+
+
+def is_long_key(encoded: bytes) -> bool:
+    return len(encoded) > LONG_KEY_BYTES
+
+
+def split_object_key(raw: bytes) -> tuple[str, StorageType]:
+    """The namespace and storage type of an objects-table key (the key itself is in the record)."""
+    namespace, type_number, _ = raw.split(_SEP, 2)
+    return namespace.decode(), StorageType(int(type_number))
 
 
 def expiry_key(expire_time_ns: int, objects_key: bytes) -> bytes:

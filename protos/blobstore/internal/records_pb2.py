@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n blobstore/internal/records.proto\x12\x12\x62lobstore.internal\"8\n\x08\x43hunkRef\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\"\xe4\x02\n\x0cObjectRecord\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12@\n\x08metadata\x18\x04 \x03(\x0b\x32..blobstore.internal.ObjectRecord.MetadataEntry\x12\x16\n\x0e\x63reate_time_ns\x18\x05 \x01(\x03\x12\x16\n\x0eupdate_time_ns\x18\x06 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\x07\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\x12\x13\n\x0binline_data\x18\t \x01(\x0c\x12,\n\x06\x63hunks\x18\n \x03(\x0b\x32\x1c.blobstore.internal.ChunkRef\x12\x16\n\x0e\x65xpire_time_ns\x18\x0b \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0b\x43hunkRecord\x12\x10\n\x08refcount\x18\x01 \x01(\x03\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\"\xb3\x03\n\x13UploadSessionRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0cstorage_type\x18\x02 \x01(\x05\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12G\n\x08metadata\x18\x05 \x03(\x0b\x32\x35.blobstore.internal.UploadSessionRecord.MetadataEntry\x12\x15\n\rdeclared_size\x18\x06 \x01(\x03\x12\x1b\n\x13if_generation_match\x18\x07 \x01(\x03\x12\x16\n\x0e\x63reate_time_ns\x18\x08 \x01(\x03\x12\x16\n\x0e\x65xpire_time_ns\x18\t \x01(\x03\x12\x16\n\x0epersisted_size\x18\n \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x0b \x01(\x07\x12,\n\x06\x63hunks\x18\x0c \x03(\x0b\x32\x1c.blobstore.internal.ChunkRef\x12\x1c\n\x14\x63ommitted_generation\x18\r \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x0bUsageRecord\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x0f\n\x07objects\x18\x02 \x01(\x03\x12\x14\n\x0copen_uploads\x18\x03 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n blobstore/internal/records.proto\x12\x12\x62lobstore.internal\"8\n\x08\x43hunkRef\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\"\xf1\x02\n\x0cObjectRecord\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12@\n\x08metadata\x18\x04 \x03(\x0b\x32..blobstore.internal.ObjectRecord.MetadataEntry\x12\x16\n\x0e\x63reate_time_ns\x18\x05 \x01(\x03\x12\x16\n\x0eupdate_time_ns\x18\x06 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\x07\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\x12\x13\n\x0binline_data\x18\t \x01(\x0c\x12,\n\x06\x63hunks\x18\n \x03(\x0b\x32\x1c.blobstore.internal.ChunkRef\x12\x16\n\x0e\x65xpire_time_ns\x18\x0b \x01(\x03\x12\x0b\n\x03key\x18\x0c \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0b\x43hunkRecord\x12\x10\n\x08refcount\x18\x01 \x01(\x03\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\"\xb3\x03\n\x13UploadSessionRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0cstorage_type\x18\x02 \x01(\x05\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12G\n\x08metadata\x18\x05 \x03(\x0b\x32\x35.blobstore.internal.UploadSessionRecord.MetadataEntry\x12\x15\n\rdeclared_size\x18\x06 \x01(\x03\x12\x1b\n\x13if_generation_match\x18\x07 \x01(\x03\x12\x16\n\x0e\x63reate_time_ns\x18\x08 \x01(\x03\x12\x16\n\x0e\x65xpire_time_ns\x18\t \x01(\x03\x12\x16\n\x0epersisted_size\x18\n \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x0b \x01(\x07\x12,\n\x06\x63hunks\x18\x0c \x03(\x0b\x32\x1c.blobstore.internal.ChunkRef\x12\x1c\n\x14\x63ommitted_generation\x18\r \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x0bUsageRecord\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x0f\n\x07objects\x18\x02 \x01(\x03\x12\x14\n\x0copen_uploads\x18\x03 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNKREF']._serialized_start=56
   _globals['_CHUNKREF']._serialized_end=112
   _globals['_OBJECTRECORD']._serialized_start=115
-  _globals['_OBJECTRECORD']._serialized_end=471
-  _globals['_OBJECTRECORD_METADATAENTRY']._serialized_start=424
-  _globals['_OBJECTRECORD_METADATAENTRY']._serialized_end=471
-  _globals['_CHUNKRECORD']._serialized_start=473
-  _globals['_CHUNKRECORD']._serialized_end=534
-  _globals['_UPLOADSESSIONRECORD']._serialized_start=537
-  _globals['_UPLOADSESSIONRECORD']._serialized_end=972
-  _globals['_UPLOADSESSIONRECORD_METADATAENTRY']._serialized_start=424
-  _globals['_UPLOADSESSIONRECORD_METADATAENTRY']._serialized_end=471
-  _globals['_USAGERECORD']._serialized_start=974
-  _globals['_USAGERECORD']._serialized_end=1041
+  _globals['_OBJECTRECORD']._serialized_end=484
+  _globals['_OBJECTRECORD_METADATAENTRY']._serialized_start=437
+  _globals['_OBJECTRECORD_METADATAENTRY']._serialized_end=484
+  _globals['_CHUNKRECORD']._serialized_start=486
+  _globals['_CHUNKRECORD']._serialized_end=547
+  _globals['_UPLOADSESSIONRECORD']._serialized_start=550
+  _globals['_UPLOADSESSIONRECORD']._serialized_end=985
+  _globals['_UPLOADSESSIONRECORD_METADATAENTRY']._serialized_start=437
+  _globals['_UPLOADSESSIONRECORD_METADATAENTRY']._serialized_end=484
+  _globals['_USAGERECORD']._serialized_start=987
+  _globals['_USAGERECORD']._serialized_end=1054
 # @@protoc_insertion_point(module_scope)

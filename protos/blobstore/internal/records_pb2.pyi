@@ -86,6 +86,7 @@ class ObjectRecord(_message.Message):
     INLINE_DATA_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_NS_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
     size: _builtins.int
     generation: _builtins.int
     content_type: _builtins.str
@@ -97,6 +98,8 @@ class ObjectRecord(_message.Message):
     """Small values live here; larger ones in `chunks`."""
     expire_time_ns: _builtins.int
     """0: never expires."""
+    key: _builtins.str
+    """The object's full key: index keys of long object keys are truncated and hashed."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -115,10 +118,11 @@ class ObjectRecord(_message.Message):
         inline_data: _builtins.bytes = ...,
         chunks: _abc.Iterable[Global___ChunkRef] | None = ...,
         expire_time_ns: _builtins.int = ...,
+        key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "content_type", b"content_type", "crc32c", b"crc32c", "create_time_ns", b"create_time_ns", "expire_time_ns", b"expire_time_ns", "generation", b"generation", "inline_data", b"inline_data", "metadata", b"metadata", "sha256", b"sha256", "size", b"size", "update_time_ns", b"update_time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "content_type", b"content_type", "crc32c", b"crc32c", "create_time_ns", b"create_time_ns", "expire_time_ns", b"expire_time_ns", "generation", b"generation", "inline_data", b"inline_data", "key", b"key", "metadata", b"metadata", "sha256", b"sha256", "size", b"size", "update_time_ns", b"update_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
