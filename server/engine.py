@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -127,8 +127,22 @@ class Engine:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _commit(self, op: Callable[[IndexWriter], T]) -> T:
-        return await asyncio.wrap_future(self.index.submit(op))
+    def _submit_releasing(self, op: Callable[[IndexWriter], tuple[T, list[bytes]]]) -> Future[tuple[T, list[bytes]]]:
+        """Submits an op that returns (result, chunks it released). The released chunks are
+        collected once the commit is durable, even if the caller is cancelled meanwhile:
+        a cancelled caller does not cancel a commit already queued."""
+        future = self.index.submit(op)
+
+        def collect(done: Future[tuple[T, list[bytes]]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._collect_later(done.result()[1])
+
+        future.add_done_callback(collect)
+        return future
+
+    async def _commit(self, op: Callable[[IndexWriter], tuple[T, list[bytes]]]) -> T:
+        result, _ = await asyncio.wrap_future(self._submit_releasing(op))
+        return result
 
     def _check_readable(self, caller: Caller, storage_type: StorageType) -> None:
         if storage_type is StorageType.PRODUCTS and not caller.has(Role.CATALOG):
@@ -200,7 +214,10 @@ class Engine:
 
     def _collect_later(self, digests: list[bytes]) -> None:
         if digests:
-            self.executor.submit(self._collect, digests)
+            try:
+                self.executor.submit(self._collect, digests)
+            except RuntimeError:  # shutting down: the next start-up sweep removes them
+                pass
 
     # ------------------------------------------------------------------ index transactions
 
@@ -348,7 +365,7 @@ class Engine:
         self._check_deletable(caller, storage_type)
         okey = schema.object_key(caller.namespace, storage_type, key)
 
-        def op(txn: IndexWriter) -> list[bytes]:
+        def op(txn: IndexWriter) -> tuple[None, list[bytes]]:
             raw = txn.get(schema.OBJECTS, okey)
             stored = rec.ObjectRecord.FromString(raw) if raw else None
             current = self._live(stored)
@@ -359,10 +376,9 @@ class Engine:
                     f"object {key!r} is at generation {current.generation}, not {if_generation_match}"
                 )
             assert stored is not None
-            return self._remove_record(txn, caller.namespace, okey, stored)
+            return None, self._remove_record(txn, caller.namespace, okey, stored)
 
-        released = await self._commit(op)
-        self._collect_later(released)
+        await self._commit(op)
 
     # ------------------------------------------------------------------ reads
 
@@ -599,8 +615,7 @@ class Engine:
                 reaped += 1
             return reaped, released
 
-        reaped, released = await self._commit(op)
-        self._collect_later(released)
+        reaped: int = await self._commit(op)
         return reaped
 
     # ------------------------------------------------------------------ usage
@@ -632,6 +647,10 @@ class UploadWriter:
         self._pending: list[asyncio.Future[rec.ChunkRef]] = []
         self._hash_tail: asyncio.Future[None] | None = None
         self._pinned: list[bytes] = []
+        # Guards _pinned against chunk jobs still running on worker threads after an abort.
+        self._pin_guard = threading.Lock()
+        self._pins_released = False
+        self._commit_future: Future[Any] | None = None
         self._done = False
 
     @property
@@ -690,8 +709,11 @@ class UploadWriter:
         digest = hashlib.sha256(chunk).digest()
         ref = rec.ChunkRef(sha256=digest, size=len(chunk), crc32c=crc32c(chunk))
         engine = self.engine
-        engine._pin([digest])
-        self._pinned.append(digest)
+        with self._pin_guard:
+            if self._pins_released:
+                raise errors.Aborted("the upload was abandoned")
+            engine._pin([digest])
+            self._pinned.append(digest)
         with engine.index.reader() as r:
             durable = r.get(schema.CHUNKS, digest) is not None
         if not durable:
@@ -730,14 +752,17 @@ class UploadWriter:
                 raise errors.ChecksumMismatch("object SHA-256 differs from the client's; nothing was committed")
             if draft.chunks:
                 await engine._run(engine.chunks.sync)
-            record, released = await engine._commit(
+            commit = engine._submit_releasing(
                 engine._commit_op(self.caller.namespace, spec.storage_type, spec.key, draft, spec.if_generation_match)
             )
+            # The pins hold until the commit settles, whatever happens to this coroutine:
+            # releasing them earlier could let garbage collection take chunks the commit references.
+            self._commit_future = commit
+            commit.add_done_callback(lambda _: self._release_pins_soon())
+            record, _ = await asyncio.wrap_future(commit)
         except BaseException:
             await self.abort()
             raise
-        engine._collect_later(released)
-        self._release_pins()
         return engine._info(spec.key, spec.storage_type, record)
 
     async def abort(self) -> None:
@@ -755,10 +780,20 @@ class UploadWriter:
                 await tail
             except BaseException:
                 pass
-        self._release_pins()
+        if self._commit_future is None or self._commit_future.done():
+            self._release_pins()
+
+    def _release_pins_soon(self) -> None:
+        """Called on the index writer thread: hand the garbage check to a worker."""
+        try:
+            self.engine.executor.submit(self._release_pins)
+        except RuntimeError:  # the executor is shutting down
+            self._release_pins()
 
     def _release_pins(self) -> None:
-        pinned, self._pinned = self._pinned, []
+        with self._pin_guard:
+            self._pins_released = True
+            pinned, self._pinned = self._pinned, []
         if pinned:
             self.engine._unpin_and_collect(pinned)
 
