@@ -644,7 +644,8 @@ class UploadWriter:
         self._sha = hashlib.sha256()
         self._buffer = bytearray()
         self._refs: list[rec.ChunkRef] = []
-        self._pending: list[asyncio.Future[rec.ChunkRef]] = []
+        # Chunks in flight: (store job, the whole-object hash step that follows this chunk).
+        self._pending: list[tuple[asyncio.Future[rec.ChunkRef], asyncio.Future[None]]] = []
         self._hash_tail: asyncio.Future[None] | None = None
         self._pinned: list[bytes] = []
         # Guards _pinned against chunk jobs still running on worker threads after an abort.
@@ -692,7 +693,8 @@ class UploadWriter:
         loop = asyncio.get_running_loop()
         previous = self._hash_tail
         self._hash_tail = asyncio.ensure_future(self._feed_sha(previous, chunk))
-        self._pending.append(loop.run_in_executor(self.engine.executor, self._store_chunk, chunk))
+        stored = loop.run_in_executor(self.engine.executor, self._store_chunk, chunk)
+        self._pending.append((stored, self._hash_tail))
         if len(self._pending) >= self.engine.config.upload_pipeline_depth:
             await self._drain(keep=self.engine.config.upload_pipeline_depth - 1)
 
@@ -702,8 +704,11 @@ class UploadWriter:
         await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._sha.update, chunk)
 
     async def _drain(self, keep: int = 0) -> None:
+        # Waiting for the hash step too keeps memory bounded: no chunk outlives the window.
         while len(self._pending) > keep:
-            self._refs.append(await self._pending.pop(0))
+            stored, hashed = self._pending.pop(0)
+            self._refs.append(await stored)
+            await hashed
 
     def _store_chunk(self, chunk: bytes) -> rec.ChunkRef:
         digest = hashlib.sha256(chunk).digest()
@@ -769,7 +774,7 @@ class UploadWriter:
         """Frees what this upload stored; harmless after finish or a previous abort."""
         self._done = True
         pending, self._pending = self._pending, []
-        for future in pending:
+        for future in [job for pair in pending for job in pair]:
             try:
                 await future
             except BaseException:  # the upload is being thrown away: its errors no longer matter
@@ -791,11 +796,13 @@ class UploadWriter:
             self._release_pins()
 
     def _release_pins(self) -> None:
+        # Held through the collection, so that whoever calls second returns only once
+        # the chunks of a failed upload are really gone.
         with self._pin_guard:
             self._pins_released = True
             pinned, self._pinned = self._pinned, []
-        if pinned:
-            self.engine._unpin_and_collect(pinned)
+            if pinned:
+                self.engine._unpin_and_collect(pinned)
 
 
 class Download:
