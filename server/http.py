@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import string
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from email.utils import formatdate
@@ -87,7 +88,9 @@ def _decode_checksum(name: str, value: str, size: int) -> bytes:
     """A checksum header in hex or base64 (S3's and GCS's form)."""
     value = value.strip()
     try:
-        raw = bytes.fromhex(value) if len(value) == 2 * size else base64.b64decode(value, validate=True)
+        # Unambiguous: base64 of 4 or 32 bytes always ends in '=' padding, hex never does.
+        hex_form = len(value) == 2 * size and all(c in string.hexdigits for c in value)
+        raw = bytes.fromhex(value) if hex_form else base64.b64decode(value, validate=True)
     except (ValueError, binascii.Error):
         raw = b""
     if len(raw) != size:

@@ -6,7 +6,8 @@ A URL looks like
 
 where the key keeps its '/' separators and every other character is
 percent-encoded (so spaces, '?', '#', '%' and non-ASCII survive), and a '.' or
-'..' segment is written %2E / %2E%2E so that no client collapses it. The
+'..' segment is written %2E / %2E%2E so that no client collapses it (and a
+trailing '/' is %2F, or `curl -T` would append a file name). The
 signature is HMAC-SHA256 over (method, namespace, storage type, key, expiry):
 changing any of them, or using a PUT URL for a GET, breaks it. HEAD rides on a
 GET signature.
@@ -61,7 +62,9 @@ class Grant:
 
 
 def quote_key(key: str) -> str:
-    return "/".join("%2E" * len(part) if part in (".", "..") else quote(part, safe="") for part in key.split("/"))
+    quoted = "/".join("%2E" * len(part) if part in (".", "..") else quote(part, safe="") for part in key.split("/"))
+    # A URL ending in '/' makes `curl -T file` append the file's name: escape a trailing slash.
+    return quoted[:-1] + "%2F" if quoted.endswith("/") else quoted
 
 
 def validate_expires_in(seconds: int) -> int:
