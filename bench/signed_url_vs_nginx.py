@@ -108,9 +108,8 @@ def main() -> None:
     parser.add_argument("--nginx-port", type=int, default=0, help="default: a free port")
     args = parser.parse_args()
 
-    curl = ensure_tool("curl", "curl")
+    ensure_tool("curl", "curl")
     nginx = ensure_tool("nginx", "nginx")
-    assert curl
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blobstore-bench-"))
     www, prefix = workdir / "www", workdir / "nginx"
     www.mkdir(parents=True, exist_ok=True)
@@ -129,10 +128,8 @@ def main() -> None:
     grpc_port = args.grpc_port or free_port()
     http_port = args.http_port or free_port()
     nginx_port = args.nginx_port or free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "blobstore.client.cli", "serve", "--data-dir", str(workdir / "data")]
-        + ["--port", str(grpc_port), "--http-port", str(http_port), "--log-level", "warning"]
-    )
+    serve = ["serve", "--data-dir", str(workdir / "data"), "--port", str(grpc_port), "--http-port", str(http_port)]
+    server = subprocess.Popen([sys.executable, "-m", "blobstore.client.cli", *serve, "--log-level", "warning"])
     (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=nginx_port, root=www))
     proxy: subprocess.Popen[bytes] | None = None
     try:
@@ -172,7 +169,9 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
-    print(f"object: {args.size_mib} MiB, {args.rounds} rounds after one warm-up each, curl to /dev/null, page cache warm")
+    print(
+        f"object: {args.size_mib} MiB, {args.rounds} rounds after one warm-up each, curl to /dev/null, page cache warm"
+    )
     print(f"upload through a signed PUT URL (curl -T, fsync per chunk): {size / upload_s / MiB:8.0f} MiB/s")
     print(
         f"download through a signed GET URL: median {ours_median / MiB:8.0f} MiB/s "

@@ -839,6 +839,12 @@ class Download:
         self._record = record
         self._closed = False
 
+    def restrict(self, start: int, end: int) -> None:
+        """Narrows the range to [start, end) of the object, once its size is known."""
+        if not 0 <= start <= end <= self.info.size:
+            raise errors.OutOfRange(f"range {start}-{end} is outside the object's {self.info.size} bytes")
+        self.range = ByteRange(start, end, self.info.size)
+
     def _spans(self) -> list[tuple[rec.ChunkRef, int, int]]:
         """(chunk, start, end within the chunk) for every chunk the range touches."""
         start, end = self.range.start, self.range.end

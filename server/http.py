@@ -180,28 +180,27 @@ class SignedUrlHandler:
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         grant = self._grant(request)
-        caller = _bearer(grant)
-        info = self.engine.stat(caller, grant.storage_type, grant.key)
+        download = await self.engine.open_download(_bearer(grant), grant.storage_type, grant.key)
         try:
-            byte_range = _requested_range(request, info.size)
-        except errors.OutOfRange as exc:
-            return error_response(exc, {hdrs.CONTENT_RANGE: f"bytes */{info.size}"})
-        if byte_range is None:
-            start, end = 0, info.size
-        else:
-            start, end = byte_range
-        download = await self.engine.open_download(
-            caller, grant.storage_type, grant.key, offset=start, limit=end - start, generation=info.generation
-        )
-        try:
-            response = web.StreamResponse(status=200 if byte_range is None else 206)
-            response.headers.update(_object_headers(download.info))
+            info = download.info
+            try:
+                byte_range = _requested_range(request, info.size)
+            except errors.OutOfRange as exc:
+                return error_response(exc, {hdrs.CONTENT_RANGE: f"bytes */{info.size}"})
+            response = web.StreamResponse(status=200)
+            response.headers.update(_object_headers(info))
             response.headers[hdrs.ACCEPT_RANGES] = "bytes"
-            response.content_type = download.info.content_type or FALLBACK_CONTENT_TYPE
-            response.content_length = end - start
+            response.content_type = info.content_type or FALLBACK_CONTENT_TYPE
+            response.content_length = info.size
             if byte_range is not None:
+                start, end = byte_range
+                download.restrict(start, end)
+                response.set_status(206)
+                response.content_length = end - start
                 response.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{info.size}"
-            if request.method == hdrs.METH_HEAD or end == start:
+                # They describe the whole object, not this part: a client must not check the part against them.
+                del response.headers[CRC32C_HEADER], response.headers[SHA256_HEADER]
+            if request.method == hdrs.METH_HEAD or response.content_length == 0:
                 await response.prepare(request)
             elif download.has_local_files:
                 await self._send_files(request, response, download)

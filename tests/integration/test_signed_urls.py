@@ -133,6 +133,9 @@ def test_ranges_head_and_headers(storage: Storage, tmp_path: Path) -> None:
     assert part.content == payload[MiB - 10 : MiB + 10]
     assert part.headers["Content-Range"] == f"bytes {MiB - 10}-{MiB + 9}/{len(payload)}"
     assert part.headers["Content-Length"] == "20"
+    assert part.headers["ETag"] == f'"{info.sha256}"'
+    assert "x-checksum-sha256" not in part.headers  # it describes the whole object, not the part
+    assert whole.headers["x-checksum-sha256"] == info.sha256
 
     tail = requests.get(url, headers={"Range": "bytes=-50"})
     assert (tail.status_code, tail.content) == (206, payload[-50:])
