@@ -480,3 +480,24 @@ def test_cli_url_prints_working_urls(server: RunningServer, storage: Storage, tm
     assert curl("-f", get.output.strip()).stdout == "uploaded with curl"
     bad = runner.invoke(cli, ["url", "x", "--storage-type", "products", "--address", server.address])
     assert bad.exit_code != 0 and "catalog" in bad.output
+
+
+def test_stop_throws_away_a_put_still_in_flight(tmp_path: Path) -> None:
+    running = start_server(tmp_path / "data", shutdown_grace_s=1.0)
+    with running.client() as storage:
+        storage.set("kept", os.urandom(2 * MiB))
+        url = storage.get_upload_url("kept")
+    before = chunk_files(running)
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        head = f"PUT {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {8 * MiB}\r\n\r\n"
+        sock.sendall(head.encode() + os.urandom(3 * MiB))
+        wait_for(lambda: len(chunk_files(running)) > len(before), "the upload's first chunks to be stored")
+        stop_server(running)  # the client is still connected, 5 MiB short
+    assert chunk_files(running) == before  # the cancelled upload freed its chunks before the store closed
+    again = start_server(tmp_path / "data")
+    try:
+        with again.client() as storage:
+            assert storage.stat("kept").generation == 1
+    finally:
+        stop_server(again)
