@@ -85,7 +85,7 @@ class BlobstoreServer:
         await self._start_http(host)
         self._background.append(asyncio.create_task(self._reap_forever()))
         log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
-        log.info("signed URLs on port %d, handed out as %s", self.ports["http"], self.signer.base_url)
+        log.info("blobstore serving signed URLs over HTTP on port %d as %s", self.ports["http"], self.signer.base_url)
 
     async def _start_http(self, host: str) -> None:
         port = self.config.http_port

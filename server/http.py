@@ -190,7 +190,7 @@ class SignedUrlHandler:
             response = web.StreamResponse(status=200)
             response.headers.update(_object_headers(info))
             response.headers[hdrs.ACCEPT_RANGES] = "bytes"
-            response.content_type = info.content_type or FALLBACK_CONTENT_TYPE
+            response.headers[hdrs.CONTENT_TYPE] = info.content_type or FALLBACK_CONTENT_TYPE
             response.content_length = info.size
             if byte_range is not None:
                 start, end = byte_range

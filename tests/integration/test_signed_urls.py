@@ -160,7 +160,11 @@ def test_ranges_head_and_headers(storage: Storage, tmp_path: Path) -> None:
     assert "content-length: " + str(len(payload)) in head_curl.stdout.lower()
 
     # Small values live inline in the index: the same answers without chunk files.
+    storage.set("text", "héllo")
+    text = requests.get(storage.get_signed_url("text"))
+    assert (text.headers["Content-Type"], text.text) == ("text/plain; charset=utf-8", "héllo")
     storage.set("tiny", b"0123456789")
+    assert requests.head(storage.get_signed_url("tiny")).headers["Content-Type"] == "application/octet-stream"
     tiny = storage.get_signed_url("tiny")
     assert requests.get(tiny).content == b"0123456789"
     assert requests.get(tiny, headers={"Range": "bytes=2-4"}).content == b"234"
