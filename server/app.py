@@ -1,4 +1,4 @@
-"""Server assembly: engine + gRPC servicer on one event loop, and the process around them."""
+"""Server assembly: engine, gRPC servicer and signed-URL HTTP endpoint on one event loop."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 
 import grpc
+from aiohttp import web
 
 from blobstore.server.engine import Engine, EngineConfig, open_engine
+from blobstore.server.http import AccessLogger, create_http_app
 from blobstore.server.service import ErrorInterceptor, StorageServicer
+from blobstore.server.signing import UrlSigner, load_secrets
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,14 @@ class ServerConfig:
     data_dir: str = "./data"
     host: str = "127.0.0.1"
     port: int = 50051
+    # The signed-URL endpoint; None means 50052, or any free port when `port` is 0 too.
+    http_port: int | None = None
+    # Base of the URLs handed out, for a server behind a proxy: "https://blobs.example.com".
+    # Default: http://{host}:{http port}.
+    public_url: str = ""
+    # Secrets for signing URLs; replicas behind one load balancer must share them.
+    # None: the data dir's own secret (made on first start). Later entries only verify (rotation).
+    url_signing_secrets: tuple[bytes, ...] | None = None
     # In-flight transfers get this long to finish at shutdown, then UNAVAILABLE.
     shutdown_grace_s: float = 30.0
     # Largest gRPC message accepted: 4 MiB of data plus framing.
@@ -38,7 +50,9 @@ class BlobstoreServer:
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine or open_engine(config.data_dir, config.engine)
-        self.servicer = StorageServicer(self.engine, max_message_bytes=config.max_message_bytes)
+        secrets = config.url_signing_secrets or tuple(load_secrets(config.data_dir))
+        self.signer = UrlSigner(secrets, clock=self.engine.clock)
+        self.servicer = StorageServicer(self.engine, max_message_bytes=config.max_message_bytes, url_signer=self.signer)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -46,6 +60,11 @@ class BlobstoreServer:
         ]
         self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         pb_grpc.add_StorageServicer_to_server(self.servicer, self.grpc)
+        self.http = web.AppRunner(
+            create_http_app(self.engine, self.signer),
+            access_log_class=AccessLogger,
+            shutdown_timeout=config.shutdown_grace_s,
+        )
         self.ports: dict[str, int] = {}
         self._background: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -63,8 +82,24 @@ class BlobstoreServer:
         if self.ports["grpc"] == 0:
             raise OSError(f"cannot bind gRPC on {host}:{self.config.port}")
         await self.grpc.start()
+        await self._start_http(host)
         self._background.append(asyncio.create_task(self._reap_forever()))
         log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
+        log.info("blobstore serving signed URLs over HTTP on port %d as %s", self.ports["http"], self.signer.base_url)
+
+    async def _start_http(self, host: str) -> None:
+        port = self.config.http_port
+        if port is None:
+            port = 0 if self.config.port == 0 else 50052
+        await self.http.setup()
+        await web.TCPSite(self.http, host, port).start()
+        self.ports["http"] = self.http.addresses[0][1]
+        public = self.config.public_url
+        if not public:
+            # A wildcard address is no place to send anyone: name this machine instead.
+            name = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+            public = f"http://{f'[{name}]' if ':' in name else name}:{self.ports['http']}"
+        self.signer.base_url = public.rstrip("/")
 
     async def _reap_forever(self) -> None:
         while True:
@@ -83,12 +118,16 @@ class BlobstoreServer:
         for task in self._background:
             task.cancel()
         stopping = asyncio.create_task(self.grpc.stop(grace + 1.0))
+        # Stops listening at once; HTTP transfers get the configured grace, then are cancelled
+        # (an upload cancelled midway commits nothing).
+        stopping_http = asyncio.create_task(self.http.cleanup())
         try:
             await asyncio.wait_for(asyncio.shield(stopping), timeout=grace)
         except TimeoutError:
             # Transfers still running stop at their next message with UNAVAILABLE.
             self.servicer.stopping = True
         await stopping
+        await stopping_http
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
         self._stopped.set()
 

@@ -47,7 +47,7 @@ _syncfs = getattr(_libc, "syncfs", None)
 
 def _raise_disk_error(exc: OSError) -> None:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise errors.ResourceExhausted("no space left on the device holding the chunk store") from exc
+        raise errors.DiskFull("no space left on the device holding the chunk store") from exc
     raise exc
 
 

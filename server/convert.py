@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from blobstore.server import errors
 from blobstore.server.model import ObjectInfo, StorageType, UploadSpec
 from blobstore.v1 import storage_pb2 as pb
 
@@ -40,3 +41,13 @@ def upload_spec(spec: pb.UploadSpec) -> UploadSpec:
         declared_size=optional_int(spec, "size"),
         if_generation_match=optional_int(spec, "if_generation_match"),
     )
+
+
+_SIGNED_URL_METHODS = {pb.CreateSignedUrlRequest.GET: "GET", pb.CreateSignedUrlRequest.PUT: "PUT"}
+
+
+def signed_url_method(method: int) -> str:
+    try:
+        return _SIGNED_URL_METHODS[method]  # type: ignore[index]
+    except KeyError:
+        raise errors.InvalidArgument("a signed URL's method must be GET (download) or PUT (upload)") from None

@@ -63,12 +63,22 @@ class PermissionDenied(BlobstoreError):
     reason = "PERMISSION_DENIED"
 
 
+class UrlRejected(PermissionDenied):
+    """A signed URL that does not allow the request (expired, altered, other method)."""
+
+    reason = "URL_REJECTED"
+
+
 class Unauthenticated(BlobstoreError):
     reason = "UNAUTHENTICATED"
 
 
 class ResourceExhausted(BlobstoreError):
     reason = "RESOURCE_EXHAUSTED"
+
+
+class DiskFull(ResourceExhausted):
+    reason = "DISK_FULL"
 
 
 class Aborted(BlobstoreError):

@@ -202,9 +202,9 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, lmdb.Error):
         code: int | None = getattr(exc, "errno", None) or _errno_from_message(str(exc))
         if code in (errno.ENOSPC, errno.EDQUOT):
-            return errors.ResourceExhausted("no space left on the device holding the metadata index")
+            return errors.DiskFull("no space left on the device holding the metadata index")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return errors.ResourceExhausted("no space left on the device holding the metadata index")
+        return errors.DiskFull("no space left on the device holding the metadata index")
     return exc
 
 

@@ -14,9 +14,10 @@ import google_crc32c
 import grpc
 
 from blobstore.server import errors, status
-from blobstore.server.convert import object_to_pb, optional_int, storage_type, upload_spec
+from blobstore.server.convert import object_to_pb, optional_int, signed_url_method, storage_type, upload_spec
 from blobstore.server.engine import Engine, UploadWriter
 from blobstore.server.model import ANONYMOUS, Caller
+from blobstore.server.signing import UrlSigner
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
@@ -32,8 +33,16 @@ def _anonymous(context: Context) -> Caller:
 
 
 class StorageServicer(pb_grpc.StorageServicer):
-    def __init__(self, engine: Engine, *, resolve_caller: CallerResolver = _anonymous, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        resolve_caller: CallerResolver = _anonymous,
+        max_message_bytes: int,
+        url_signer: UrlSigner | None = None,
+    ) -> None:
         self.engine = engine
+        self._url_signer = url_signer
         self._caller = resolve_caller
         self._max_message_bytes = max_message_bytes
         # Set when the shutdown grace period is over: streams still running stop with UNAVAILABLE.
@@ -186,7 +195,16 @@ class StorageServicer(pb_grpc.StorageServicer):
         raise errors.Unimplemented("resumable upload sessions are not available yet")
 
     async def CreateSignedUrl(self, request: pb.CreateSignedUrlRequest, context: Context) -> pb.CreateSignedUrlResponse:
-        raise errors.Unimplemented("signed URLs are not available yet")
+        if self._url_signer is None:
+            raise errors.Unimplemented("this server hands out no signed URLs")
+        caller = self._caller(context)
+        method = signed_url_method(request.method)
+        kind = storage_type(request.storage_type)
+        self.engine.authorize_signed_url(caller, kind, request.key, upload=method == "PUT")
+        url, expires = self._url_signer.sign(method, caller.namespace, kind, request.key, request.expires_in_seconds)
+        response = pb.CreateSignedUrlResponse(url=url)
+        response.expire_time.FromSeconds(expires)
+        return response
 
     async def BatchSet(self, request: pb.BatchSetRequest, context: Context) -> pb.BatchSetResponse:
         raise errors.Unimplemented("batch calls are not available yet")

@@ -30,6 +30,7 @@ HTTP_STATUS: dict[type[errors.BlobstoreError], int] = {
     errors.PermissionDenied: 403,
     errors.Unauthenticated: 401,
     errors.ResourceExhausted: 429,
+    errors.DiskFull: 507,
     errors.Aborted: 409,
     errors.DataLoss: 500,
     errors.Unavailable: 503,

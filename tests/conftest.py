@@ -86,12 +86,13 @@ class RunningServer:
         return Storage(self.address, **kwargs)
 
 
-def start_server(data_dir: Path, **overrides: Any) -> RunningServer:
+def start_server(data_dir: Path, *, engine: Engine | None = None, **overrides: Any) -> RunningServer:
+    """A server on free ports; pass `engine` to give it, say, a FakeClock."""
     loop = LoopThread()
     config = ServerConfig(data_dir=str(data_dir), port=0, **overrides)
 
     async def build() -> BlobstoreServer:
-        server = BlobstoreServer(config)
+        server = BlobstoreServer(config, engine)
         await server.start()
         return server
 
