@@ -120,7 +120,7 @@ def _lookup(known: Mapping[str, Setting], name: str, source: str) -> Setting:
 
 
 def _parse(setting: Setting, text: str, source: str) -> Any:
-    if _accepts(setting.type, str):
+    if _matches(setting.type, text):  # a string setting, or one of a Literal's strings
         return text
     try:
         value = tomllib.loads(f"value = {text}")["value"]
@@ -165,7 +165,13 @@ def _matches(kind: Any, value: Any) -> bool:
 
 
 def _describe(kind: Any) -> str:
-    return " or ".join(getattr(option, "__name__", str(option)) for option in _options(kind))
+    names = []
+    for option in _options(kind):
+        if typing.get_origin(option) is typing.Literal:
+            names.append("one of " + ", ".join(map(repr, typing.get_args(option))))
+        else:
+            names.append(getattr(option, "__name__", str(option)))
+    return " or ".join(names)
 
 
 def _build(cls: type[C], prefix: tuple[str, ...], values: Mapping[str, Any]) -> C:

@@ -18,6 +18,9 @@ LogFormat = Literal["text", "json"]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("blobstore_request_id", default="")
 
+# Fields a log call may add with extra={...}; JSON lines carry them as they are.
+EXTRA_FIELDS = ("request_id", "grpc_method", "grpc_code")
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 
@@ -41,9 +44,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        rid = getattr(record, "request_id", "")
-        if rid:
-            line["request_id"] = rid
+        for name in EXTRA_FIELDS:
+            value = getattr(record, name, "")
+            if value:
+                line[name] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)

@@ -268,9 +268,23 @@ async def _abort(context: Context, method: str, exc: BaseException) -> None:
     if isinstance(exc, errors.BlobstoreError):
         code = status.grpc_code(exc)
         # The one place a failed request is logged (the telemetry interceptor adds the request id).
-        log.info("%s failed: %s %s: %s", method, code.name, exc.reason, exc.message)
+        reason = "" if exc.reason == code.name else f" ({exc.reason})"
+        log.info(
+            "%s failed: %s%s: %s",
+            method,
+            code.name,
+            reason,
+            exc.message,
+            extra={"grpc_method": method, "grpc_code": code.name},
+        )
         await context.abort(code, exc.message, trailing_metadata=((status.REASON_TRAILER, exc.reason),))
-    log.exception("%s failed: INTERNAL (unexpected %s)", method, type(exc).__name__, exc_info=exc)
+    log.exception(
+        "%s failed: INTERNAL (unexpected %s)",
+        method,
+        type(exc).__name__,
+        exc_info=exc,
+        extra={"grpc_method": method, "grpc_code": "INTERNAL"},
+    )
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
