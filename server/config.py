@@ -100,7 +100,7 @@ def parse_assignments(assignments: list[str] | tuple[str, ...]) -> dict[str, str
         name, sep, value = assignment.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"--set takes NAME=VALUE, not {assignment!r}")
-        parsed[name.strip()] = value
+        parsed[name.strip()] = value.strip()
     return parsed
 
 
