@@ -6,6 +6,7 @@ import io
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -108,7 +109,7 @@ class _Gate:
         self._sent = threading.Event()
         self._go = threading.Event()
 
-    def messages(self):
+    def messages(self) -> Iterator[pb.UploadRequest]:
         yield pb.UploadRequest(spec=pb.UploadSpec(key="held"), write_offset=0, data=b"hello")
         self._sent.set()
         self._go.wait(60)

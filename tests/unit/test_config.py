@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -85,7 +85,7 @@ def test_text_is_read_by_the_type_of_the_setting() -> None:
         ({"overrides": {"port": 1.5}}, "setting port: 1.5 is not a int"),
     ],
 )
-def test_bad_values_name_their_source(kwargs: dict, message: str) -> None:
+def test_bad_values_name_their_source(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(ServerConfig, **kwargs)
 
