@@ -31,6 +31,7 @@ from blobstore.client.storage import (
     keyed_request,
     list_request,
     set_request,
+    signed_url_request,
     upload_spec,
     verify_value,
     writing_atomically,
@@ -162,6 +163,22 @@ class AsyncStorage(_Client):
                 return state.finish()
             except grpc.RpcError as exc:
                 await asyncio.sleep(state.retry_delay(exc))
+
+    # ------------------------------------------------------------------ signed URLs
+
+    async def get_upload_url(self, key: str, storage_type: str = "data", expires_in: int = 3600) -> str:
+        """A URL that uploads `key` with a plain HTTP PUT, no token needed (see Storage.get_upload_url)."""
+        return await self._signed_url(key, storage_type, pb.CreateSignedUrlRequest.PUT, expires_in)
+
+    async def get_signed_url(self, key: str, storage_type: str = "data", expires_in: int = 3600) -> str:
+        """A URL that downloads `key` with a plain HTTP GET (Range supported), no token needed."""
+        return await self._signed_url(key, storage_type, pb.CreateSignedUrlRequest.GET, expires_in)
+
+    async def _signed_url(self, key: str, storage_type: str, method: int, expires_in: int) -> str:
+        request = signed_url_request(key, storage_type, method, expires_in)
+        response = await self._call(self._stub.CreateSignedUrl, request)
+        url: str = response.url
+        return url
 
     # ------------------------------------------------------------------ metadata
 

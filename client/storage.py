@@ -187,6 +187,15 @@ def keyed_request(message: type[M], key: str, storage_type: str) -> M:
     return message(key=key, storage_type=storage_type_number(storage_type))
 
 
+def signed_url_request(key: str, storage_type: str, method: int, expires_in: int) -> pb.CreateSignedUrlRequest:
+    return pb.CreateSignedUrlRequest(
+        key=key,
+        storage_type=storage_type_number(storage_type),
+        method=method,  # type: ignore[arg-type]
+        expires_in_seconds=int(expires_in),
+    )
+
+
 class UploadEncoder:
     """Turns a file's pieces into Upload messages, keeping the whole-object checksums."""
 
@@ -457,12 +466,7 @@ class Storage(_Client):
         return self._signed_url(key, storage_type, pb.CreateSignedUrlRequest.GET, expires_in)
 
     def _signed_url(self, key: str, storage_type: str, method: int, expires_in: int) -> str:
-        request = pb.CreateSignedUrlRequest(
-            key=key,
-            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
-            method=method,  # type: ignore[arg-type]
-            expires_in_seconds=int(expires_in),
-        )
+        request = signed_url_request(key, storage_type, method, expires_in)
         with _translated():
             response = self._stub.CreateSignedUrl(request, timeout=self.timeout, metadata=self._metadata)
         url: str = response.url

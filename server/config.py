@@ -131,10 +131,23 @@ def _parse(setting: Setting, text: str, source: str) -> Any:
 
 def _check(setting: Setting, value: Any, source: str) -> Any:
     kind = setting.type
-    if _accepts(kind, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    value = _coerce(kind, value)
     if not _matches(kind, value):
         raise ConfigError(f"{source}: {value!r} is not a {_describe(kind)}")
+    return value
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    """What TOML cannot say directly: ints for floats, arrays for tuples, text for bytes (UTF-8)."""
+    for option in _options(kind):
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if origin is bytes and isinstance(value, str):
+            return value.encode()
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            items = [arg for arg in typing.get_args(option) if arg is not Ellipsis]
+            return origin(_coerce(items[0], item) for item in value) if items else origin(value)
     return value
 
 
@@ -159,6 +172,10 @@ def _matches(kind: Any, value: Any) -> bool:
                 return True
         elif origin in (int, float) and isinstance(value, bool):
             continue
+        elif origin in (list, tuple) and isinstance(value, origin):
+            items = [arg for arg in typing.get_args(option) if arg is not Ellipsis]
+            if not items or all(_matches(items[0], item) for item in value):
+                return True
         elif isinstance(origin, type) and isinstance(value, origin):
             return True
     return False

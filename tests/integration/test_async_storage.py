@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 from blobstore.client import AsyncStorage, NotFoundError, PreconditionError, Storage
 from tests.conftest import RunningServer
@@ -65,6 +66,11 @@ def test_async_round_trip_of_every_method(server: RunningServer, tmp_path: Path,
             with pytest.raises(NotFoundError):
                 await storage.get_file("notes/a", tmp_path / "never")
             assert not (tmp_path / "never").exists()
+            download_url = await storage.get_signed_url("files/one")
+            assert requests.get(download_url, timeout=60).content == source.read_bytes()
+            upload_url = await storage.get_upload_url("via/url")
+            assert requests.put(upload_url, data=b"put over http", timeout=60).status_code in (200, 201)
+            assert await storage.get("via/url") == b"put over http"
             assert await storage.set("tmp-key", b"t", storage_type="tmp")
             assert await storage.list(storage_type="tmp") == ["tmp-key"]
 

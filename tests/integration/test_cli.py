@@ -180,7 +180,7 @@ def _read_until(stream: object, needle: str, seen: list[str]) -> str:
 def test_serve_reads_config_file_env_and_flags_and_logs_json_with_request_ids(tmp_path: Path) -> None:
     config = tmp_path / "blobstore.toml"
     config.write_text(
-        f'data_dir = "{tmp_path / "data"}"\nport = 1\nlog_format = "text"\nmetrics_port = 0\n'
+        f'data_dir = "{tmp_path / "data"}"\nport = 1\nlog_format = "text"\nhttp_port = 0\n'
         "[engine]\nchunk_size = 65536\n"
     )
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BLOBSTORE_")}

@@ -20,7 +20,7 @@ from tests.conftest import RunningServer, start_server, stop_server
 
 
 def scrape(running: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = requests.get(f"http://127.0.0.1:{running.server.ports['metrics']}/metrics", timeout=30)
+    response = requests.get(f"http://127.0.0.1:{running.server.ports['http']}/metrics", timeout=30)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     return {

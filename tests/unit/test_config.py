@@ -115,6 +115,16 @@ def test_new_fields_and_sections_need_no_code() -> None:
     assert config == Config(10, "", "b", ["s3", "pg"], Tls("/etc/cert.pem", True))
 
 
+def test_arrays_become_tuples_and_text_becomes_bytes(tmp_path: Path) -> None:
+    file = write(tmp_path, 'url_signing_secrets = ["new secret", "old secret"]\n')
+    config = load_config(ServerConfig, file=file)
+    assert config.url_signing_secrets == (b"new secret", b"old secret")
+    env = {"BLOBSTORE_URL_SIGNING_SECRETS": '["only"]'}
+    assert load_config(ServerConfig, env=env).url_signing_secrets == (b"only",)
+    with pytest.raises(ConfigError, match="url_signing_secrets"):
+        load_config(ServerConfig, file=write(tmp_path, "url_signing_secrets = [1, 2]\n"))
+
+
 def test_the_sample_file_holds_every_setting_at_its_default() -> None:
     sample = DOCS / "blobstore.sample.toml"
     assert load_config(ServerConfig, file=str(sample)) == ServerConfig()
@@ -122,4 +132,6 @@ def test_the_sample_file_holds_every_setting_at_its_default() -> None:
     documented = (DOCS / "configuration.md").read_text()
     for setting in settings(ServerConfig):
         assert f"`{setting.name}`" in documented, f"{setting.name} is missing from docs/configuration.md"
-        assert f"\n{setting.path[-1]} = " in text, f"{setting.name} is missing from the sample file"
+        # A setting whose default TOML cannot write (None) stands commented out.
+        commented = "# " if setting.default is None else ""
+        assert f"\n{commented}{setting.path[-1]} = " in text, f"{setting.name} is missing from the sample file"
