@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.http import AccessLogger, create_http_app
 from blobstore.server.logs import LogFormat
-from blobstore.server.metrics import Metrics, TelemetryInterceptor, add_metrics_route
+from blobstore.server.metrics import Metrics, TelemetryInterceptor, instrument_http_app
 from blobstore.server.service import ErrorInterceptor, StorageServicer
 from blobstore.server.signing import UrlSigner, load_secrets
 from blobstore.v1 import storage_pb2 as pb
@@ -77,7 +77,7 @@ class BlobstoreServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((STORAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         http_app = create_http_app(self.engine, self.signer)
-        add_metrics_route(http_app, self.metrics)
+        instrument_http_app(http_app, self.metrics)
         self.http = web.AppRunner(
             http_app,
             access_log_class=AccessLogger,

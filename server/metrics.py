@@ -56,6 +56,22 @@ class Metrics:
         self.sent_bytes = Counter(
             "blobstore_sent_bytes", "Bytes of response messages sent.", ("grpc_method",), registry=r
         )
+        self.http_handled = Counter(
+            "blobstore_http_requests", "HTTP requests completed, by status.", ("method", "route", "code"), registry=r
+        )
+        self.http_latency = Histogram(
+            "blobstore_http_request_duration_seconds",
+            "Time from an HTTP request's arrival to the end of its response.",
+            ("method", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_received_bytes = Counter(
+            "blobstore_http_received_bytes", "Bytes of HTTP request bodies received.", ("method",), registry=r
+        )
+        self.http_sent_bytes = Counter(
+            "blobstore_http_sent_bytes", "Bytes of HTTP response bodies sent.", ("method",), registry=r
+        )
         r.register(StoreCollector(engine, self.in_progress))
 
     def exposition(self) -> bytes:
@@ -257,7 +273,38 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def add_metrics_route(app: web.Application, metrics: Metrics) -> None:
-    """Serves GET /metrics from `app` (the server's HTTP listener)."""
+def instrument_http_app(app: web.Application, metrics: Metrics) -> None:
+    """Serves GET /metrics from `app` (the server's HTTP listener) and measures its requests.
+
+    Call before the app starts: the telemetry middleware goes first, outside the
+    app's own error handling, so that it sees the status that was sent.
+    """
     app[METRICS_KEY] = metrics
     app.router.add_get("/metrics", metrics_handler)
+    app.middlewares.insert(0, _http_telemetry)
+
+
+@web.middleware
+async def _http_telemetry(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    metrics = request.app[METRICS_KEY]
+    request_id.set(request.headers.get(REQUEST_ID_HEADER) or secrets.token_hex(8))
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    began = time.perf_counter()
+    status, sent = 500, 0
+    try:
+        response = await handler(request)
+        # Body bytes as declared: downloads go out with sendfile, which aiohttp does not count.
+        status = response.status
+        sent = response.content_length if response.content_length is not None else response.body_length
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - began)
+        metrics.http_handled.labels(request.method, route, str(status)).inc()
+        metrics.http_received_bytes.labels(request.method).inc(request.content.total_bytes)
+        metrics.http_sent_bytes.labels(request.method).inc(sent)

@@ -70,6 +70,28 @@ def test_metrics_count_requests_bytes_latency_and_store(server: RunningServer, s
     assert samples[("blobstore_open_uploads", (("kind", "stream"),))] == 0
 
 
+def test_signed_url_requests_are_counted(server: RunningServer, storage: Storage) -> None:
+    body = os.urandom(2 << 20)
+    assert requests.put(storage.get_upload_url("over/http"), data=body, timeout=60).ok
+    assert requests.get(storage.get_signed_url("over/http"), timeout=60).content == body
+    assert requests.get(storage.get_signed_url("absent"), timeout=60).status_code == 404
+
+    samples = scrape(server)
+    route = "/v1/objects/{storage_type}/{key}"
+
+    def handled(method: str) -> dict[str, float]:
+        return {
+            dict(labels)["code"]: value
+            for (name, labels), value in samples.items()
+            if name == "blobstore_http_requests_total" and ("method", method) in labels and ("route", route) in labels
+        }
+
+    assert sum(handled("PUT").values()) == 1 and all(code.startswith("2") for code in handled("PUT"))
+    assert handled("GET") == {"200": 1, "404": 1}
+    assert samples[("blobstore_http_received_bytes_total", (("method", "PUT"),))] == len(body)
+    assert len(body) <= samples[("blobstore_http_sent_bytes_total", (("method", "GET"),))] < len(body) + 1024
+
+
 def test_open_upload_streams_are_counted(server: RunningServer) -> None:
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.StorageStub(channel)
