@@ -100,9 +100,15 @@ class BlobstoreServer:
         if self.ports["grpc"] == 0:
             raise OSError(f"cannot bind gRPC on {host}:{self.config.port}")
         await self.grpc.start()
+        try:
+            await self._start_http(host)
+        except BaseException:
+            # The HTTP port is taken, say: leave nothing half-started behind.
+            await self.grpc.stop(0)
+            await self.http.cleanup()
+            raise
         for service in ("", STORAGE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        await self._start_http(host)
         self._background.append(asyncio.create_task(self._reap_forever()))
         log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
         log.info("blobstore serving signed URLs over HTTP on port %d as %s", self.ports["http"], self.signer.base_url)
