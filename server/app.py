@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from blobstore.server.engine import Engine, EngineConfig, open_engine
+from blobstore.server.health import HealthServicer
 from blobstore.server.http import AccessLogger, create_http_app
 from blobstore.server.logs import LogFormat
 from blobstore.server.metrics import Metrics, TelemetryInterceptor, instrument_http_app
@@ -73,7 +74,7 @@ class BlobstoreServer:
             interceptors=[TelemetryInterceptor(self.metrics), ErrorInterceptor()], options=options
         )
         pb_grpc.add_StorageServicer_to_server(self.servicer, self.grpc)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((STORAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         http_app = create_http_app(self.engine, self.signer)

@@ -29,13 +29,15 @@ def test_health_reports_serving_for_the_server_and_the_storage_service(server: R
 
 
 def test_health_turns_not_serving_when_the_server_shuts_down(tmp_path) -> None:
-    running = start_server(tmp_path / "data")
+    running = start_server(tmp_path / "data", shutdown_grace_s=20.0)
     try:
         with grpc.insecure_channel(running.address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
             assert next(watch).status == SERVING
-            stopping = asyncio.run_coroutine_threadsafe(running.server.stop(1.0), running.loop.loop)
+            stopping = asyncio.run_coroutine_threadsafe(running.server.stop(), running.loop.loop)
             assert next(watch).status == NOT_SERVING
+            # Then the watch ends by itself instead of holding the shutdown for its grace period.
+            assert list(watch) == []
             stopping.result(60)
     finally:
         running.loop.close()
