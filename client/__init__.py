@@ -6,6 +6,7 @@ storage.set("greeting", "Hello Storage")
 storage.get("greeting")        # b'Hello Storage'
 """
 
+from blobstore.client.async_storage import AsyncStorage
 from blobstore.client.errors import (
     AuthenticationError,
     ConflictError,
@@ -24,6 +25,7 @@ from blobstore.client.storage import STORAGE_TYPES, ObjectInfo, Storage
 
 __all__ = [
     "STORAGE_TYPES",
+    "AsyncStorage",
     "AuthenticationError",
     "ConflictError",
     "DataLossError",

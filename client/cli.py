@@ -1,51 +1,215 @@
-"""The `blobstore` command line."""
+"""The `blobstore` command line.
+
+Each command is a self-contained block: a click command, plus `@client_options`
+when it talks to a server (it adds --address, --token and --storage-type and
+hands the function a connected `storage`). Errors are not handled per command:
+BlobstoreGroup turns every client error into one line on stderr and the exit
+code of its class (EXIT_CODES).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any, TypeVar
 
 import click
+import grpc
+from tqdm import tqdm
+
+from blobstore.client import errors
+from blobstore.client.storage import DEFAULT_ADDRESS, STORAGE_TYPES, ObjectInfo, Progress, Storage
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Transfers smaller than this finish before a progress bar would be worth drawing.
+PROGRESS_MIN_BYTES = 4 << 20
+
+EXIT_USAGE = 2
+EXIT_LOCAL_FILE = 10
+EXIT_CONFIG = 11
+EXIT_CODES: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.NOT_FOUND: 3,
+    grpc.StatusCode.FAILED_PRECONDITION: 4,
+    grpc.StatusCode.ABORTED: 4,
+    grpc.StatusCode.INVALID_ARGUMENT: 5,
+    grpc.StatusCode.OUT_OF_RANGE: 5,
+    grpc.StatusCode.UNAUTHENTICATED: 6,
+    grpc.StatusCode.PERMISSION_DENIED: 6,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 7,
+    grpc.StatusCode.UNAVAILABLE: 8,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 8,
+    grpc.StatusCode.DATA_LOSS: 9,
+}
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+   0  success
+   1  any other error (an internal server error, an unimplemented call)
+   2  usage error (bad option or argument)
+   3  not found
+   4  precondition failed or conflict (generation mismatch, storage type rules)
+   5  invalid argument or out of range
+   6  authentication or permission denied
+   7  resource exhausted (quota, rate limit, disk full)
+   8  server unavailable or deadline exceeded (try again)
+   9  data loss (a checksum failed)
+  10  local file error
+  11  bad server configuration
+"""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class BlobstoreGroup(click.Group):
+    """Turns errors into one line on stderr and the exit code of their class."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except errors.StorageError as exc:
+            _fail(ctx, f"{exc.code.name.lower().replace('_', ' ')}: {exc.message}", EXIT_CODES.get(exc.code, 1))
+        except BrokenPipeError:
+            # The reader went away (`blobstore get KEY | head`): nothing left to say to it.
+            sys.stderr.close()
+            ctx.exit(1)
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            _fail(ctx, f"local file error:{where}: {exc.strerror or exc}", EXIT_LOCAL_FILE)
+
+
+def _fail(ctx: click.Context, message: str, code: int) -> None:
+    click.echo(f"blobstore: {' '.join(message.split())}", err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=BlobstoreGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 def main() -> None:
-    """blobstore: a gRPC key-value blob store."""
+    """blobstore: a gRPC key-value blob store.
+
+    Client commands find the server at --address (or $BLOBSTORE_ADDRESS) and
+    authenticate with --token (or $BLOBSTORE_TOKEN). Run `blobstore COMMAND --help`
+    for the options of each command.
+    """
+
+
+def client_options(command: F) -> F:
+    """--address, --token and --storage-type, and a connected `storage` for the command."""
+
+    @functools.wraps(command)
+    def with_storage(address: str, token: str | None, **kwargs: Any) -> Any:
+        with Storage(address, token) as storage:
+            return command(storage=storage, **kwargs)
+
+    for option in reversed(
+        (
+            click.option(
+                "--address",
+                envvar="BLOBSTORE_ADDRESS",
+                default=DEFAULT_ADDRESS,
+                show_default=True,
+                help="Server host:port [env: BLOBSTORE_ADDRESS].",
+            ),
+            click.option("--token", envvar="BLOBSTORE_TOKEN", help="Bearer token [env: BLOBSTORE_TOKEN]."),
+            click.option(
+                "--storage-type",
+                "-t",
+                type=click.Choice(list(STORAGE_TYPES)),
+                default="data",
+                show_default=True,
+                help="The storage type (key space) to work in.",
+            ),
+        )
+    ):
+        with_storage = option(with_storage)
+    return with_storage  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None) -> Iterator[Progress | None]:
+    """A bar with rate and ETA on stderr for large transfers; nothing when stderr is not a terminal."""
+    if not sys.stderr.isatty() or (total is not None and total < PROGRESS_MIN_BYTES):
+        yield None
+        return
+    with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        yield bar.update
+
+
+# ---------------------------------------------------------------------- put / get
 
 
 @main.command()
-@click.option(
-    "--data-dir",
-    default="./data",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Where the index and chunks live.",
-)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=50051, show_default=True, type=int, help="gRPC port (0: any free port).")
-@click.option(
-    "--http-port",
-    default=None,
-    type=int,
-    help="Port of the signed-URL HTTP endpoint [default: 50052; any free port when --port is 0].",
-)
-@click.option(
-    "--public-url",
-    default="",
-    help="Base of the signed URLs handed out, when clients reach the server through a proxy "
-    "(e.g. https://blobs.example.com) [default: http://HOST:HTTP_PORT].",
-)
-@click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
-)
-def serve(data_dir: str, host: str, port: int, http_port: int | None, public_url: str, log_level: str) -> None:
-    """Run the server until SIGTERM or SIGINT."""
-    from blobstore.server.app import ServerConfig
-    from blobstore.server.app import serve as run
+@click.argument("key")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--content-type", help="Content type stored with the object.")
+@click.option("--metadata", "-m", multiple=True, metavar="NAME=VALUE", help="User metadata (repeatable).")
+@click.option("--if-generation-match", type=int, help="Write only if the object is at this generation (0: new).")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
+@client_options
+def put(
+    storage: Storage,
+    storage_type: str,
+    key: str,
+    file: str,
+    content_type: str | None,
+    metadata: tuple[str, ...],
+    if_generation_match: int | None,
+    quiet: bool,
+) -> None:
+    """Upload FILE (or standard input, with -) as KEY."""
+    fields = {}
+    for item in metadata:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--metadata")
+        fields[name] = value
+    with _input(file) as fobj:
+        size = os.fstat(fobj.fileno()).st_size if file != "-" else None
+        with progress_bar(key, size) as progress:
+            info = storage.set_file(
+                key,
+                fobj,
+                storage_type,
+                content_type=content_type,
+                metadata=fields,
+                if_generation_match=if_generation_match,
+                progress=progress,
+            )
+    if not quiet:
+        click.echo(f"stored {info.key} ({info.size} bytes, generation {info.generation})", err=True)
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(data_dir=data_dir, host=host, port=port, http_port=http_port, public_url=public_url)
-    asyncio.run(run(config))
+
+@contextmanager
+def _input(file: str) -> Iterator[IO[bytes]]:
+    if file == "-":
+        yield sys.stdin.buffer
+        return
+    with open(file, "rb") as fobj:
+        yield fobj
+
+
+@main.command()
+@click.argument("key")
+@click.argument("file", required=False, default="-", type=click.Path(dir_okay=False, allow_dash=True))
+@client_options
+def get(storage: Storage, storage_type: str, key: str, file: str) -> None:
+    """Download KEY into FILE (standard output when FILE is - or left out).
+
+    A FILE is replaced only once every byte has passed its checksums.
+    """
+    total = storage.stat(key, storage_type).size if sys.stderr.isatty() else None
+    with progress_bar(key, total) as progress:
+        if file == "-":
+            storage.get_file(key, sys.stdout.buffer, storage_type, progress=progress)
+            sys.stdout.flush()
+        else:
+            storage.get_file(key, file, storage_type, progress=progress)
+
+
+# ---------------------------------------------------------------------- url
 
 
 @main.command()
@@ -58,25 +222,124 @@ def serve(data_dir: str, host: str, port: int, http_port: int | None, public_url
     type=click.IntRange(1, 7 * 86_400),
     help="Lifetime in seconds (at most seven days).",
 )
-@click.option(
-    "--storage-type",
-    default="data",
-    show_default=True,
-    type=click.Choice(["data", "tmp", "products", "result", "logs"]),
-)
-@click.option("--address", default=None, help="Server address [default: $BLOBSTORE_ADDRESS or 127.0.0.1:50051].")
-def url(key: str, upload: bool, expires: int, storage_type: str, address: str | None) -> None:
+@client_options
+def url(storage: Storage, storage_type: str, key: str, upload: bool, expires: int) -> None:
     """Print a signed URL for KEY that works with plain HTTP (curl, a browser), no token needed."""
-    from blobstore.client import Storage, StorageError
+    sign = storage.get_upload_url if upload else storage.get_signed_url
+    click.echo(sign(key, storage_type, expires_in=expires))
 
-    with Storage(address) as storage:
-        try:
-            if upload:
-                click.echo(storage.get_upload_url(key, storage_type, expires_in=expires))
-            else:
-                click.echo(storage.get_signed_url(key, storage_type, expires_in=expires))
-        except StorageError as exc:
-            raise click.ClickException(str(exc)) from None
+
+# ---------------------------------------------------------------------- ls / stat / rm
+
+
+@main.command()
+@click.argument("prefix", required=False, default="")
+@click.option("--long", "-l", "long_format", is_flag=True, help="Show size and last update time too.")
+@client_options
+def ls(storage: Storage, storage_type: str, prefix: str, long_format: bool) -> None:
+    """List the keys starting with PREFIX, in key order."""
+    for info in storage.iter_objects(prefix or None, storage_type):
+        if long_format:
+            updated = info.updated.strftime("%Y-%m-%dT%H:%M:%SZ") if info.updated else "-"
+            click.echo(f"{info.size:>14}  {updated}  {info.key}")
+        else:
+            click.echo(info.key)
+
+
+@main.command()
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@client_options
+def stat(storage: Storage, storage_type: str, key: str, as_json: bool) -> None:
+    """Show the metadata of KEY."""
+    fields = _describe(storage.stat(key, storage_type))
+    if as_json:
+        click.echo(json.dumps(fields, indent=2))
+        return
+    width = max(map(len, fields))
+    for name, value in fields.items():
+        shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+        click.echo(f"{name + ':':<{width + 1}} {'' if shown is None else shown}")
+
+
+def _describe(info: ObjectInfo) -> dict[str, Any]:
+    def when(value: Any) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "key": info.key,
+        "storage_type": info.storage_type,
+        "size": info.size,
+        "generation": info.generation,
+        "content_type": info.content_type,
+        "created": when(info.created),
+        "updated": when(info.updated),
+        "expires": when(info.expires),
+        "crc32c": f"{info.crc32c:08x}" if info.crc32c is not None else None,
+        "sha256": info.sha256,
+        "metadata": info.metadata,
+    }
+
+
+@main.command()
+@click.argument("keys", nargs=-1, required=True, metavar="KEY...")
+@client_options
+def rm(storage: Storage, storage_type: str, keys: tuple[str, ...]) -> None:
+    """Delete each KEY (stops at the first that fails)."""
+    for key in keys:
+        storage.delete(key, storage_type)
+
+
+# ---------------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="A TOML settings file.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the index and chunks live [./data].")
+@click.option("--host", help="Address to bind [127.0.0.1].")
+@click.option("--port", type=int, help="gRPC port, 0 for any free port [50051].")
+@click.option(
+    "--http-port",
+    type=int,
+    help="Port of the HTTP listener (signed URLs, /metrics) [50052; any free port when --port is 0].",
+)
+@click.option(
+    "--public-url",
+    help="Base of the signed URLs handed out, when clients reach the server through a proxy "
+    "(e.g. https://blobs.example.com) [http://HOST:HTTP_PORT].",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[info]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON objects [text].")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Any setting, e.g. --set engine.chunk_size=4194304 (repeatable).",
+)
+def serve(config_file: str | None, assignments: tuple[str, ...], **flags: Any) -> None:
+    """Run the server until SIGTERM or SIGINT.
+
+    Settings come from defaults, then the --config file, then BLOBSTORE_* environment
+    variables, then flags (each overriding the one before); see docs/configuration.md.
+    """
+    from blobstore.server.app import ServerConfig
+    from blobstore.server.app import serve as run
+    from blobstore.server.config import ConfigError, load_config, parse_assignments
+    from blobstore.server.logs import configure_logging
+
+    ctx = click.get_current_context()
+    try:
+        config = load_config(
+            ServerConfig, file=config_file, env=os.environ, overrides={**parse_assignments(assignments), **flags}
+        )
+    except ConfigError as exc:
+        _fail(ctx, f"configuration: {exc}", EXIT_CONFIG)
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(run(config))
+    except OSError as exc:
+        _fail(ctx, f"cannot start the server: {exc}", EXIT_CONFIG)
 
 
 if __name__ == "__main__":

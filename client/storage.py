@@ -7,12 +7,13 @@ import hashlib
 import io
 import os
 import random
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any, BinaryIO, Union
+from typing import IO, Any, BinaryIO, TypeVar, Union
 
 import google_crc32c
 import grpc
@@ -26,7 +27,7 @@ CHUNK_SIZE = 1 << 20
 MAX_MESSAGE_BYTES = (4 << 20) + (64 << 10)
 OBJECT_TOO_LARGE_FOR_UNARY = "OBJECT_TOO_LARGE_FOR_UNARY"
 
-STORAGE_TYPES = {
+STORAGE_TYPES: dict[str, pb.StorageType.ValueType] = {
     "data": pb.STORAGE_TYPE_DATA,
     "tmp": pb.STORAGE_TYPE_TMP,
     "products": pb.STORAGE_TYPE_PRODUCTS,
@@ -39,6 +40,7 @@ _LABELS = {number: label for label, number in STORAGE_TYPES.items()}
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 PathOrFile = Union[str, "os.PathLike[str]", IO[Any]]
+M = TypeVar("M", pb.GetRequest, pb.DownloadRequest, pb.StatRequest, pb.DeleteRequest)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class ObjectInfo:
         )
 
 
-def storage_type_number(storage_type: str) -> int:
+def storage_type_number(storage_type: str) -> pb.StorageType.ValueType:
     try:
         return STORAGE_TYPES[storage_type]
     except (KeyError, TypeError):
@@ -98,14 +100,191 @@ def _translated() -> Iterator[None]:
         raise errors.from_rpc_error(exc) from None
 
 
-class Storage:
-    """Client of a blobstore server.
+# Wire logic shared by Storage and AsyncStorage: they differ only in how they wait.
 
-    `address` defaults to $BLOBSTORE_ADDRESS, then 127.0.0.1:50051; `token` to
-    $BLOBSTORE_TOKEN. Pass `root_certificates` (PEM bytes) to use TLS. A
-    Storage is safe to share between threads; close() it, or use it as a
-    context manager, when done.
-    """
+Progress = Callable[[int], object]
+"""Called with the number of bytes each time a piece of a transfer has gone through."""
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def encode_value(value: str | bytes | bytearray | memoryview, content_type: str | None) -> tuple[bytes, str | None]:
+    """The bytes of a value for set(); text is stored as UTF-8 and says so."""
+    if isinstance(value, str):
+        return value.encode("utf-8"), content_type or "text/plain; charset=utf-8"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), content_type
+    raise TypeError(f"value must be str, bytes or a binary file-like object, not {type(value).__name__}")
+
+
+def set_request(
+    key: str,
+    data: bytes,
+    storage_type: str,
+    content_type: str | None,
+    metadata: Mapping[str, str] | None,
+    if_generation_match: int | None,
+) -> pb.SetRequest:
+    request = pb.SetRequest(
+        key=key,
+        storage_type=storage_type_number(storage_type),
+        value=data,
+        content_type=content_type or "",
+        metadata=dict(metadata or {}),
+        crc32c=google_crc32c.value(data),
+    )
+    if if_generation_match is not None:
+        request.if_generation_match = if_generation_match
+    return request
+
+
+def upload_spec(
+    key: str,
+    storage_type: str,
+    content_type: str | None,
+    metadata: Mapping[str, str] | None,
+    if_generation_match: int | None,
+) -> pb.UploadSpec:
+    spec = pb.UploadSpec(
+        key=key,
+        storage_type=storage_type_number(storage_type),
+        content_type=content_type or "",
+        metadata=dict(metadata or {}),
+    )
+    if if_generation_match is not None:
+        spec.if_generation_match = if_generation_match
+    return spec
+
+
+def verify_value(key: str, response: pb.GetResponse) -> bytes:
+    value: bytes = response.value
+    checksums = response.object.checksums
+    if checksums.HasField("crc32c") and google_crc32c.value(value) != checksums.crc32c:
+        raise errors.DataLossError(f"value of {key!r} failed its CRC32C check in transit")
+    return value
+
+
+def list_request(prefix: str | None, storage_type: str, page_size: int, delimiter: str = "") -> pb.ListRequest:
+    return pb.ListRequest(
+        prefix=prefix or "",
+        delimiter=delimiter,
+        storage_type=storage_type_number(storage_type),
+        page_size=page_size,
+    )
+
+
+def keyed_request(message: type[M], key: str, storage_type: str) -> M:
+    """A Stat, Delete, Get or Download request for one key."""
+    return message(key=key, storage_type=storage_type_number(storage_type))
+
+
+def signed_url_request(key: str, storage_type: str, method: int, expires_in: int) -> pb.CreateSignedUrlRequest:
+    return pb.CreateSignedUrlRequest(
+        key=key,
+        storage_type=storage_type_number(storage_type),
+        method=method,  # type: ignore[arg-type]
+        expires_in_seconds=int(expires_in),
+    )
+
+
+class UploadEncoder:
+    """Turns a file's pieces into Upload messages, keeping the whole-object checksums."""
+
+    def __init__(self, spec: pb.UploadSpec, progress: Progress | None = None) -> None:
+        self.spec = spec
+        self.offset = 0
+        self.progress = progress
+        self._crc = 0
+        self._sha = hashlib.sha256()
+
+    def piece(self, data: bytes | str) -> pb.UploadRequest:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        message = pb.UploadRequest(write_offset=self.offset, data=data, crc32c=google_crc32c.value(data))
+        if self.offset == 0:
+            message.spec.CopyFrom(self.spec)
+        self._crc = google_crc32c.extend(self._crc, data)
+        self._sha.update(data)
+        self.offset += len(data)
+        if self.progress is not None:
+            self.progress(len(data))
+        return message
+
+    def finish(self) -> pb.UploadRequest:
+        final = pb.UploadRequest(
+            write_offset=self.offset,
+            finish_write=True,
+            object_checksums=pb.ObjectChecksums(crc32c=self._crc, sha256=self._sha.digest()),
+        )
+        if self.offset == 0:
+            final.spec.CopyFrom(self.spec)
+        return final
+
+
+class DownloadState:
+    """One download's progress: what to ask for when resuming, and the checks on what arrived."""
+
+    def __init__(self, key: str, storage_type: str, retries: int, progress: Progress | None = None) -> None:
+        self.key = key
+        self.request = keyed_request(pb.DownloadRequest, key, storage_type)
+        self.retries = retries
+        self.progress = progress
+        self.info: ObjectInfo | None = None
+        self.received = 0
+        self.attempt = 0
+        self._crc = 0
+        self._sha = hashlib.sha256()
+
+    def accept(self, response: pb.DownloadResponse) -> bytes:
+        """Checks one message and returns its data; the next request resumes after it."""
+        if response.HasField("object") and self.info is None:
+            self.info = ObjectInfo.from_pb(response.object)
+            # A resumed download reads the same generation or fails: never two versions spliced.
+            self.request.generation = self.info.generation
+        data: bytes = response.data
+        if google_crc32c.value(data) != response.crc32c:
+            raise errors.DataLossError(f"a piece of {self.key!r} failed its CRC32C check in transit")
+        if data:
+            self._crc = google_crc32c.extend(self._crc, data)
+            self._sha.update(data)
+            self.received += len(data)
+            self.request.read_offset = self.received
+            self.attempt = 0
+            if self.progress is not None:
+                self.progress(len(data))
+        return data
+
+    def retry_delay(self, exc: grpc.RpcError) -> float:
+        """How long to wait before resuming after `exc`; raises it translated when it is final."""
+        error = errors.from_rpc_error(exc)
+        if error.code not in RETRYABLE or self.attempt >= self.retries or self.info is None:
+            raise error from None
+        self.attempt += 1
+        return float(min(8.0, 0.2 * 2**self.attempt) * (0.5 + random.random()))
+
+    def finish(self) -> ObjectInfo:
+        info = self.info
+        assert info is not None
+        if self.received != info.size:
+            raise errors.DataLossError(f"received {self.received} bytes of {self.key!r}, expected {info.size}")
+        if info.crc32c is not None and self._crc != info.crc32c:
+            raise errors.DataLossError(f"{self.key!r} failed its whole-object CRC32C check")
+        if info.sha256 and self._sha.hexdigest() != info.sha256:
+            raise errors.DataLossError(f"{self.key!r} failed its whole-object SHA-256 check")
+        return info
+
+
+class _Client:
+    """What Storage and AsyncStorage share: where to connect, with which credentials, how patiently."""
 
     def __init__(
         self,
@@ -123,18 +302,31 @@ class Storage:
         self.timeout = timeout
         self.retries = retries
         self.chunk_size = chunk_size
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
+        # grpc and grpc.aio offer the same two channel constructors.
+        channels: Any = grpc.aio if self._asynchronous else grpc
         if secure or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(self.address, credentials, options=options)
+            self._channel = channels.secure_channel(self.address, credentials, options=channel_options())
         else:
-            self._channel = grpc.insecure_channel(self.address, options=options)
+            self._channel = channels.insecure_channel(self.address, options=channel_options())
         self._stub = pb_grpc.StorageStub(self._channel)
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        self._metadata = auth_metadata(self.token)
         self._max_unary: int | None = None
+
+    _asynchronous = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(address={self.address!r})"
+
+
+class Storage(_Client):
+    """Client of a blobstore server.
+
+    `address` defaults to $BLOBSTORE_ADDRESS, then 127.0.0.1:50051; `token` to
+    $BLOBSTORE_TOKEN. Pass `root_certificates` (PEM bytes) to use TLS. A
+    Storage is safe to share between threads; close() it, or use it as a
+    context manager, when done.
+    """
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -146,9 +338,6 @@ class Storage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"Storage(address={self.address!r})"
 
     # ------------------------------------------------------------------ small values
 
@@ -163,48 +352,22 @@ class Storage:
         if_generation_match: int | None = None,
     ) -> ObjectInfo:
         """Stores `value` under `key`: a str (stored as UTF-8), bytes, or a file-like object."""
-        if hasattr(value, "read"):
-            return self.set_file(
-                key,
-                value,  # type: ignore[arg-type]
-                storage_type,
-                content_type=content_type,
-                metadata=metadata,
-                if_generation_match=if_generation_match,
-            )
-        if isinstance(value, str):
-            data = value.encode("utf-8")
-            content_type = content_type or "text/plain; charset=utf-8"
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            data = bytes(value)
-        else:
-            raise TypeError(f"value must be str, bytes or a binary file-like object, not {type(value).__name__}")
-        if len(data) > self._unary_limit():
-            return self.set_file(
-                key,
-                io.BytesIO(data),
-                storage_type,
-                content_type=content_type,
-                metadata=metadata,
-                if_generation_match=if_generation_match,
-            )
-        request = pb.SetRequest(
-            key=key,
-            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
-            value=data,
-            content_type=content_type or "",
-            metadata=dict(metadata or {}),
-            crc32c=google_crc32c.value(data),
+        options: dict[str, Any] = dict(
+            content_type=content_type, metadata=metadata, if_generation_match=if_generation_match
         )
-        if if_generation_match is not None:
-            request.if_generation_match = if_generation_match
+        if hasattr(value, "read"):
+            return self.set_file(key, value, storage_type, **options)  # type: ignore[arg-type]
+        data, options["content_type"] = encode_value(value, content_type)  # type: ignore[arg-type]
+        if len(data) > self._unary_limit():
+            return self.set_file(key, io.BytesIO(data), storage_type, **options)
+        request = set_request(key, data, storage_type, **options)
         with _translated():
             response = self._stub.Set(request, timeout=self.timeout, metadata=self._metadata)
         return ObjectInfo.from_pb(response.object)
 
     def get(self, key: str, storage_type: str = "data") -> bytes:
         """Returns the value stored under `key`; large values are streamed transparently."""
-        request = pb.GetRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
+        request = keyed_request(pb.GetRequest, key, storage_type)
         try:
             response = self._stub.Get(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -214,11 +377,7 @@ class Storage:
             buffer = io.BytesIO()
             self.get_file(key, buffer, storage_type)
             return buffer.getvalue()
-        value: bytes = response.value
-        checksums = response.object.checksums
-        if checksums.HasField("crc32c") and google_crc32c.value(value) != checksums.crc32c:
-            raise errors.DataLossError(f"value of {key!r} failed its CRC32C check in transit")
-        return value
+        return verify_value(key, response)
 
     def _unary_limit(self) -> int:
         if self._max_unary is None:
@@ -247,112 +406,49 @@ class Storage:
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
         if_generation_match: int | None = None,
+        progress: Progress | None = None,
     ) -> ObjectInfo:
-        """Uploads a file (a path or a file object) in constant memory."""
-        spec = pb.UploadSpec(
-            key=key,
-            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
-            content_type=content_type or "",
-            metadata=dict(metadata or {}),
-        )
-        if if_generation_match is not None:
-            spec.if_generation_match = if_generation_match
+        """Uploads a file (a path or a file object) in constant memory.
+
+        `progress`, if given, is called with the size of each piece sent.
+        """
+        encoder = UploadEncoder(upload_spec(key, storage_type, content_type, metadata, if_generation_match), progress)
         with _open_for_reading(file) as fobj, _translated():
-            response = self._stub.Upload(self._upload_messages(spec, fobj), metadata=self._metadata, timeout=None)
+            response = self._stub.Upload(self._upload_messages(encoder, fobj), metadata=self._metadata, timeout=None)
         return ObjectInfo.from_pb(response.object)
 
-    def _upload_messages(self, spec: pb.UploadSpec, fobj: BinaryIO) -> Iterator[pb.UploadRequest]:
-        offset = 0
-        crc = 0
-        sha = hashlib.sha256()
-        first = True
-        while True:
-            data = fobj.read(self.chunk_size)
-            if isinstance(data, str):
-                data = data.encode("utf-8")
-            if not data:
-                break
-            crc_piece = google_crc32c.value(data)
-            message = pb.UploadRequest(write_offset=offset, data=data, crc32c=crc_piece)
-            if first:
-                message.spec.CopyFrom(spec)
-                first = False
-            crc = google_crc32c.extend(crc, data)
-            sha.update(data)
-            offset += len(data)
-            yield message
-        final = pb.UploadRequest(
-            write_offset=offset,
-            finish_write=True,
-            object_checksums=pb.ObjectChecksums(crc32c=crc, sha256=sha.digest()),
-        )
-        if first:
-            final.spec.CopyFrom(spec)
-        yield final
+    def _upload_messages(self, encoder: UploadEncoder, fobj: BinaryIO) -> Iterator[pb.UploadRequest]:
+        while data := fobj.read(self.chunk_size):
+            yield encoder.piece(data)
+        yield encoder.finish()
 
-    def get_file(self, key: str, file: PathOrFile, storage_type: str = "data") -> ObjectInfo:
+    def get_file(
+        self, key: str, file: PathOrFile, storage_type: str = "data", *, progress: Progress | None = None
+    ) -> ObjectInfo:
         """Downloads an object into a file (a path or a binary file object) in constant memory.
 
         A path is written to a temporary file beside it and renamed into place
         only when every byte has passed its checksums. A dropped connection is
         resumed from the bytes already received, pinned to the same generation:
         if the object changed meanwhile, PreconditionError is raised rather
-        than splicing two versions.
+        than splicing two versions. `progress`, if given, is called with the
+        size of each piece received.
         """
+        state = DownloadState(key, storage_type, self.retries, progress)
         if isinstance(file, (str, os.PathLike)):
-            path = os.fspath(file)
-            partial = f"{path}.part-{os.getpid()}"
-            try:
-                with open(partial, "wb") as fobj:
-                    info = self._download_into(key, fobj, storage_type)
-                os.replace(partial, path)
-            except BaseException:
-                try:
-                    os.unlink(partial)
-                except FileNotFoundError:
-                    pass
-                raise
-            return info
-        return self._download_into(key, file, storage_type)  # type: ignore[arg-type]
+            with writing_atomically(file) as fobj:
+                return self._download_into(state, fobj)
+        return self._download_into(state, file)  # type: ignore[arg-type]
 
-    def _download_into(self, key: str, fobj: BinaryIO, storage_type: str) -> ObjectInfo:
-        request = pb.DownloadRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
-        info: ObjectInfo | None = None
-        received = 0
-        crc = 0
-        sha = hashlib.sha256()
-        attempt = 0
+    def _download_into(self, state: DownloadState, fobj: BinaryIO) -> ObjectInfo:
         while True:
             try:
-                for response in self._stub.Download(request, metadata=self._metadata, timeout=None):
-                    if response.HasField("object") and info is None:
-                        info = ObjectInfo.from_pb(response.object)
-                        request.generation = info.generation
-                    data = response.data
-                    if google_crc32c.value(data) != response.crc32c:
-                        raise errors.DataLossError(f"a piece of {key!r} failed its CRC32C check in transit")
-                    if data:
+                for response in self._stub.Download(state.request, metadata=self._metadata, timeout=None):
+                    if data := state.accept(response):
                         fobj.write(data)
-                        crc = google_crc32c.extend(crc, data)
-                        sha.update(data)
-                        received += len(data)
-                        request.read_offset = received
-                        attempt = 0
-                break
+                return state.finish()
             except grpc.RpcError as exc:
-                error = errors.from_rpc_error(exc)
-                if error.code not in RETRYABLE or attempt >= self.retries or info is None:
-                    raise error from None
-                attempt += 1
-                time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
-        assert info is not None
-        if received != info.size:
-            raise errors.DataLossError(f"received {received} bytes of {key!r}, expected {info.size}")
-        if info.crc32c is not None and crc != info.crc32c:
-            raise errors.DataLossError(f"{key!r} failed its whole-object CRC32C check")
-        if info.sha256 and sha.hexdigest() != info.sha256:
-            raise errors.DataLossError(f"{key!r} failed its whole-object SHA-256 check")
-        return info
+                time.sleep(state.retry_delay(exc))
 
     # ------------------------------------------------------------------ signed URLs
 
@@ -370,12 +466,7 @@ class Storage:
         return self._signed_url(key, storage_type, pb.CreateSignedUrlRequest.GET, expires_in)
 
     def _signed_url(self, key: str, storage_type: str, method: int, expires_in: int) -> str:
-        request = pb.CreateSignedUrlRequest(
-            key=key,
-            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
-            method=method,  # type: ignore[arg-type]
-            expires_in_seconds=int(expires_in),
-        )
+        request = signed_url_request(key, storage_type, method, expires_in)
         with _translated():
             response = self._stub.CreateSignedUrl(request, timeout=self.timeout, metadata=self._metadata)
         url: str = response.url
@@ -384,9 +475,10 @@ class Storage:
     # ------------------------------------------------------------------ metadata
 
     def stat(self, key: str, storage_type: str = "data") -> ObjectInfo:
-        request = pb.StatRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
         with _translated():
-            response = self._stub.Stat(request, timeout=self.timeout, metadata=self._metadata)
+            response = self._stub.Stat(
+                keyed_request(pb.StatRequest, key, storage_type), timeout=self.timeout, metadata=self._metadata
+            )
         return ObjectInfo.from_pb(response.object)
 
     def exists(self, key: str, storage_type: str = "data") -> bool:
@@ -398,7 +490,7 @@ class Storage:
 
     def delete(self, key: str, storage_type: str = "data", *, if_generation_match: int | None = None) -> None:
         """Deletes `key`; NotFoundError when it does not exist."""
-        request = pb.DeleteRequest(key=key, storage_type=storage_type_number(storage_type))  # type: ignore[arg-type]
+        request = keyed_request(pb.DeleteRequest, key, storage_type)
         if if_generation_match is not None:
             request.if_generation_match = if_generation_match
         with _translated():
@@ -418,19 +510,9 @@ class Storage:
     def iter_objects(
         self, prefix: str | None = None, storage_type: str = "data", *, page_size: int = 1000
     ) -> Iterator[ObjectInfo]:
-        request = pb.ListRequest(
-            prefix=prefix or "",
-            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
-            page_size=page_size,
-        )
-        while True:
-            with _translated():
-                response = self._stub.List(request, timeout=self.timeout, metadata=self._metadata)
+        for response in self._pages(list_request(prefix, storage_type, page_size)):
             for message in response.objects:
                 yield ObjectInfo.from_pb(message)
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
 
     def list_prefixes(
         self, prefix: str | None = None, delimiter: str = "/", storage_type: str = "data"
@@ -438,19 +520,36 @@ class Storage:
         """One level of a key hierarchy: (keys directly under prefix, sub-prefixes)."""
         keys: builtins.list[str] = []
         prefixes: builtins.list[str] = []
-        request = pb.ListRequest(
-            prefix=prefix or "",
-            delimiter=delimiter,
-            storage_type=storage_type_number(storage_type),  # type: ignore[arg-type]
-        )
-        while True:
-            with _translated():
-                response = self._stub.List(request, timeout=self.timeout, metadata=self._metadata)
+        for response in self._pages(list_request(prefix, storage_type, 0, delimiter)):
             keys.extend(message.key for message in response.objects)
             prefixes.extend(response.prefixes)
+        return keys, prefixes
+
+    def _pages(self, request: pb.ListRequest) -> Iterator[pb.ListResponse]:
+        while True:
+            with _translated():
+                response: pb.ListResponse = self._stub.List(request, timeout=self.timeout, metadata=self._metadata)
+            yield response
             if not response.next_page_token:
-                return keys, prefixes
+                return
             request.page_token = response.next_page_token
+
+
+@contextmanager
+def writing_atomically(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A file beside `path` that replaces it when the block succeeds and vanishes when it fails."""
+    target = os.fspath(path)
+    partial = f"{target}.part-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(partial, "wb") as fobj:
+            yield fobj
+        os.replace(partial, target)
+    except BaseException:
+        try:
+            os.unlink(partial)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 @contextmanager

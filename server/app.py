@@ -8,19 +8,27 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from blobstore.server.engine import Engine, EngineConfig, open_engine
+from blobstore.server.health import HealthServicer
 from blobstore.server.http import AccessLogger, create_http_app
+from blobstore.server.logs import LogFormat
+from blobstore.server.metrics import Metrics, TelemetryInterceptor, instrument_http_app
 from blobstore.server.service import ErrorInterceptor, StorageServicer
 from blobstore.server.signing import UrlSigner, load_secrets
+from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 MESSAGE_OVERHEAD = 64 << 10
+STORAGE_SERVICE = pb.DESCRIPTOR.services_by_name["Storage"].full_name
 
 
 @dataclass
@@ -41,6 +49,8 @@ class ServerConfig:
     # Largest gRPC message accepted: 4 MiB of data plus framing.
     max_message_bytes: int = (4 << 20) + MESSAGE_OVERHEAD
     reap_interval_s: float = 60.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: LogFormat = "text"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -58,10 +68,19 @@ class BlobstoreServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        self.metrics = Metrics(self.engine)
+        # Telemetry outermost, so that it sees the status code ErrorInterceptor chose.
+        self.grpc = grpc.aio.server(
+            interceptors=[TelemetryInterceptor(self.metrics), ErrorInterceptor()], options=options
+        )
         pb_grpc.add_StorageServicer_to_server(self.servicer, self.grpc)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((STORAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        http_app = create_http_app(self.engine, self.signer)
+        instrument_http_app(http_app, self.metrics)
         self.http = web.AppRunner(
-            create_http_app(self.engine, self.signer),
+            http_app,
             access_log_class=AccessLogger,
             shutdown_timeout=config.shutdown_grace_s,
         )
@@ -82,7 +101,15 @@ class BlobstoreServer:
         if self.ports["grpc"] == 0:
             raise OSError(f"cannot bind gRPC on {host}:{self.config.port}")
         await self.grpc.start()
-        await self._start_http(host)
+        try:
+            await self._start_http(host)
+        except BaseException:
+            # The HTTP port is taken, say: leave nothing half-started behind.
+            await self.grpc.stop(0)
+            await self.http.cleanup()
+            raise
+        for service in ("", STORAGE_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._background.append(asyncio.create_task(self._reap_forever()))
         log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
         log.info("blobstore serving signed URLs over HTTP on port %d as %s", self.ports["http"], self.signer.base_url)
@@ -115,6 +142,8 @@ class BlobstoreServer:
         if self._stopped.is_set():
             return
         grace = self.config.shutdown_grace_s if grace is None else grace
+        # Probes and load balancers see NOT_SERVING (watchers are told) while in-flight calls finish.
+        await self.health.enter_graceful_shutdown()
         for task in self._background:
             task.cancel()
         stopping = asyncio.create_task(self.grpc.stop(grace + 1.0))

@@ -69,6 +69,19 @@ class EngineConfig:
     download_readahead: int = 2
 
 
+@dataclass
+class StoreStats:
+    objects: int = 0
+    # Sum of object sizes: what users stored.
+    logical_bytes: int = 0
+    open_uploads: int = 0
+    chunks: int = 0
+    # Bytes in the chunk store, each distinct chunk counted once.
+    chunk_bytes: int = 0
+    # Bytes the chunk references of objects and sessions add up to: chunk_bytes before deduplication.
+    referenced_chunk_bytes: int = 0
+
+
 def crc32c(data: bytes | memoryview) -> int:
     return int(google_crc32c.value(data))
 
@@ -648,6 +661,22 @@ class Engine:
         with self.index.reader() as r:
             raw = r.get(schema.USAGE, namespace.encode())
         return rec.UsageRecord.FromString(raw) if raw else rec.UsageRecord()
+
+    def store_stats(self) -> StoreStats:
+        """Totals over every namespace, and what the chunk store holds (one pass over the chunk table)."""
+        stats = StoreStats()
+        with self.index.reader() as r:
+            for _, raw in r.scan(schema.USAGE, b""):
+                usage = rec.UsageRecord.FromString(raw)
+                stats.objects += usage.objects
+                stats.logical_bytes += usage.bytes
+                stats.open_uploads += usage.open_uploads
+            for _, raw in r.scan(schema.CHUNKS, b""):
+                chunk = rec.ChunkRecord.FromString(raw)
+                stats.chunks += 1
+                stats.chunk_bytes += chunk.size
+                stats.referenced_chunk_bytes += chunk.size * chunk.refcount
+        return stats
 
 
 class UploadWriter:

@@ -6,6 +6,7 @@ through the one table in server/status.py.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -253,8 +254,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
+            # A handler that writes through context.write (health Watch) is a coroutine, not a generator.
+            wrap = _wrap_stream if inspect.isasyncgenfunction(handler.unary_stream) else _wrap_unary
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
+                wrap(handler.unary_stream, method),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -264,9 +267,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 async def _abort(context: Context, method: str, exc: BaseException) -> None:
     if isinstance(exc, errors.BlobstoreError):
         code = status.grpc_code(exc)
-        log.info("%s failed: %s %s", method, code.name, exc.message)
+        # The one place a failed request is logged (the telemetry interceptor adds the request id).
+        reason = "" if exc.reason == code.name else f" ({exc.reason})"
+        log.info(
+            "%s failed: %s%s: %s",
+            method,
+            code.name,
+            reason,
+            exc.message,
+            extra={"grpc_method": method, "grpc_code": code.name},
+        )
         await context.abort(code, exc.message, trailing_metadata=((status.REASON_TRAILER, exc.reason),))
-    log.exception("%s failed unexpectedly", method, exc_info=exc)
+    log.exception(
+        "%s failed: INTERNAL (unexpected %s)",
+        method,
+        type(exc).__name__,
+        exc_info=exc,
+        extra={"grpc_method": method, "grpc_code": "INTERNAL"},
+    )
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 

@@ -78,7 +78,19 @@ def free_port() -> int:
 def test_serve_process_shuts_down_cleanly_on_signals(tmp_path: Path, signum: int) -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "blobstore.client.cli", "serve", "--data-dir", str(tmp_path), "--port", str(port)],
+        # Both ports free: the HTTP default (50052) may be taken on a shared machine.
+        [
+            sys.executable,
+            "-m",
+            "blobstore.client.cli",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -1,0 +1,310 @@
+"""Prometheus metrics and the interceptor that records them, with a request id per RPC.
+
+RPC metrics follow the names of go-grpc-prometheus (grpc_server_handled_total,
+grpc_server_handling_seconds, ...) so that existing dashboards work. Store
+gauges (objects, bytes, chunks, dedup ratio, open uploads) are read from the
+index at scrape time. Each server has its own CollectorRegistry, so several
+servers in one process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from blobstore.server.engine import Engine
+from blobstore.server.logs import request_id
+
+REQUEST_ID_HEADER = "x-request-id"
+# From a cache hit to a multi-gigabyte stream.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+RPC_LABELS = ("grpc_service", "grpc_method", "grpc_type")
+
+
+class Metrics:
+    """Every metric of one server, in a registry of its own."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.started = Counter("grpc_server_started", "RPCs started.", RPC_LABELS, registry=r)
+        self.handled = Counter(
+            "grpc_server_handled", "RPCs completed, by status code.", (*RPC_LABELS, "grpc_code"), registry=r
+        )
+        self.latency = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its end.",
+            RPC_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_progress = Gauge("grpc_server_in_progress", "RPCs running now.", RPC_LABELS, registry=r)
+        self.received_bytes = Counter(
+            "blobstore_received_bytes", "Bytes of request messages received.", ("grpc_method",), registry=r
+        )
+        self.sent_bytes = Counter(
+            "blobstore_sent_bytes", "Bytes of response messages sent.", ("grpc_method",), registry=r
+        )
+        self.http_handled = Counter(
+            "blobstore_http_requests", "HTTP requests completed, by status.", ("method", "route", "code"), registry=r
+        )
+        self.http_latency = Histogram(
+            "blobstore_http_request_duration_seconds",
+            "Time from an HTTP request's arrival to the end of its response.",
+            ("method", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_received_bytes = Counter(
+            "blobstore_http_received_bytes", "Bytes of HTTP request bodies received.", ("method",), registry=r
+        )
+        self.http_sent_bytes = Counter(
+            "blobstore_http_sent_bytes", "Bytes of HTTP response bodies sent.", ("method",), registry=r
+        )
+        r.register(StoreCollector(engine, self.in_progress))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StoreCollector:
+    """Gauges read from the index at scrape time."""
+
+    def __init__(self, engine: Engine, in_progress: Gauge) -> None:
+        self.engine = engine
+        self.in_progress = in_progress
+
+    def describe(self) -> Iterable[Metric]:
+        # Tells the registry the names without scanning the index at registration.
+        return list(self._families().values())
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.engine.store_stats()
+        families = self._families()
+        families["objects"].add_metric([], stats.objects)
+        families["logical"].add_metric([], stats.logical_bytes)
+        families["chunks"].add_metric([], stats.chunks)
+        families["chunk_bytes"].add_metric([], stats.chunk_bytes)
+        families["dedup"].add_metric([], stats.referenced_chunk_bytes / stats.chunk_bytes if stats.chunk_bytes else 1.0)
+        streaming = sum(
+            sample.value
+            for family in self.in_progress.collect()
+            for sample in family.samples
+            if sample.labels.get("grpc_method") == "Upload"
+        )
+        families["uploads"].add_metric(["stream"], streaming)
+        families["uploads"].add_metric(["session"], stats.open_uploads)
+        return families.values()
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        return {
+            "objects": GaugeMetricFamily("blobstore_objects", "Objects stored (all namespaces and storage types)."),
+            "logical": GaugeMetricFamily("blobstore_logical_bytes", "Sum of the sizes of the stored objects."),
+            "chunks": GaugeMetricFamily("blobstore_chunks", "Distinct chunks in the chunk store."),
+            "chunk_bytes": GaugeMetricFamily("blobstore_chunk_bytes", "Bytes in the chunk store, after dedup."),
+            "dedup": GaugeMetricFamily(
+                "blobstore_dedup_ratio",
+                "Chunk bytes referenced by objects and sessions over chunk bytes stored (1: no sharing).",
+            ),
+            "uploads": GaugeMetricFamily(
+                "blobstore_open_uploads",
+                "Uploads in progress: streams running now, resumable sessions open.",
+                labels=("kind",),
+            ),
+        }
+
+
+RPC_TYPES = {
+    "unary_unary": "unary",
+    "unary_stream": "server_stream",
+    "stream_unary": "client_stream",
+    "stream_stream": "bidi_stream",
+}
+_HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the request id and records the RPC metrics; the outermost interceptor.
+
+    It wraps ErrorInterceptor, so the status code it sees is the one the client gets.
+    Message bytes are counted in the (de)serializers: exact wire sizes at no extra cost.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        kind = next(k for k in RPC_TYPES if getattr(handler, k) is not None)
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        labels = (service, method, RPC_TYPES[kind])
+        observe = _Observer(self.metrics, labels, _request_id(handler_call_details))
+        behavior = getattr(handler, kind)
+        # Streaming handlers that write through context.write (health Watch) are plain coroutines.
+        wrapped = observe.stream(behavior) if inspect.isasyncgenfunction(behavior) else observe.unary(behavior)
+        received = self.metrics.received_bytes.labels(method)
+        sent = self.metrics.sent_bytes.labels(method)
+        return _HANDLER_FACTORIES[kind](
+            wrapped,
+            request_deserializer=_counting(handler.request_deserializer, received),
+            response_serializer=_counting_out(handler.response_serializer, sent),
+        )
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for name, value in details.invocation_metadata or ():
+        if name == REQUEST_ID_HEADER and value:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return secrets.token_hex(8)
+
+
+def _counting(deserializer: Callable[[bytes], Any] | None, counter: Counter) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        counter.inc(len(raw))
+        return deserializer(raw) if deserializer is not None else raw
+
+    return deserialize
+
+
+def _counting_out(serializer: Callable[[Any], bytes] | None, counter: Counter) -> Callable[[Any], bytes]:
+    def serialize(message: Any) -> bytes:
+        raw = serializer(message) if serializer is not None else message
+        counter.inc(len(raw))
+        return raw
+
+    return serialize
+
+
+class _Observer:
+    """Times one RPC and counts it under its final status code."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str], rid: str) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.rid = rid
+
+    def _begin(self) -> float:
+        # Each RPC runs in its own task: the id stays with this request's log lines.
+        request_id.set(self.rid)
+        self.metrics.started.labels(*self.labels).inc()
+        self.metrics.in_progress.labels(*self.labels).inc()
+        return time.perf_counter()
+
+    def _end(self, began: float, context: grpc.aio.ServicerContext[Any, Any], failure: BaseException | None) -> None:
+        m = self.metrics
+        m.in_progress.labels(*self.labels).dec()
+        m.latency.labels(*self.labels).observe(time.perf_counter() - began)
+        m.handled.labels(*self.labels, _status_name(context, failure)).inc()
+
+    def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            began, failure = self._begin(), None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                self._end(began, context, failure)
+
+        return wrapper
+
+    def stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            began, failure = self._begin(), None
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                self._end(began, context, failure)
+
+        return wrapper
+
+
+def _status_name(context: grpc.aio.ServicerContext[Any, Any], failure: BaseException | None) -> str:
+    code: Any = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for candidate in grpc.StatusCode:
+            if candidate.value[0] == code:
+                return candidate.name
+    if isinstance(failure, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED.name
+    if failure is not None:
+        return grpc.StatusCode.UNKNOWN.name
+    return grpc.StatusCode.OK.name
+
+
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("blobstore_metrics", Metrics)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus text exposition; the app must hold the server's Metrics under METRICS_KEY."""
+    metrics = request.app[METRICS_KEY]
+    # Scraping reads the index: keep it off the event loop.
+    body = await asyncio.get_running_loop().run_in_executor(None, metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def instrument_http_app(app: web.Application, metrics: Metrics) -> None:
+    """Serves GET /metrics from `app` (the server's HTTP listener) and measures its requests.
+
+    Call before the app starts: the telemetry middleware goes first, outside the
+    app's own error handling, so that it sees the status that was sent.
+    """
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", metrics_handler)
+    app.middlewares.insert(0, _http_telemetry)
+
+
+@web.middleware
+async def _http_telemetry(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    metrics = request.app[METRICS_KEY]
+    request_id.set(request.headers.get(REQUEST_ID_HEADER) or secrets.token_hex(8))
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    began = time.perf_counter()
+    status, sent = 500, 0
+    try:
+        response = await handler(request)
+        # Body bytes as declared: downloads go out with sendfile, which aiohttp does not count.
+        status = response.status
+        sent = response.content_length if response.content_length is not None else response.body_length
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - began)
+        metrics.http_handled.labels(request.method, route, str(status)).inc()
+        metrics.http_received_bytes.labels(request.method).inc(request.content.total_bytes)
+        metrics.http_sent_bytes.labels(request.method).inc(sent)
