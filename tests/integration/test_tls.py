@@ -1,0 +1,105 @@
+"""TLS on the gRPC listener, and the SSLContext the HTTP listener takes, from a self-signed certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import io
+import ipaddress
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from blobstore.client import Storage, UnavailableError
+from blobstore.server.app import ServerConfig
+from blobstore.server.tls import TlsConfigError
+from tests.conftest import start_server, stop_server
+
+
+def self_signed(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A certificate for `name` and 127.0.0.1, signed by its own key; returns (cert, key) paths."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_grpc_over_tls_with_the_servers_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path / "tls")
+    running = start_server(tmp_path / "data", tls_cert=str(cert), tls_key=str(key))
+    try:
+        with running.client(root_certificates=cert.read_bytes()) as secure:
+            secure.set("k", b"over tls")
+            secure.set_file("big", io.BytesIO(b"z" * (3 << 20)))
+            assert secure.get("k") == b"over tls"
+            assert secure.get("big") == b"z" * (3 << 20)
+        with Storage(running.address, timeout=5, retries=0) as plaintext, pytest.raises(UnavailableError):
+            plaintext.get("k")
+        stranger, _ = self_signed(tmp_path / "other")
+        untrusting = running.client(root_certificates=stranger.read_bytes(), timeout=5)
+        with untrusting, pytest.raises(UnavailableError):
+            untrusting.get("k")
+    finally:
+        stop_server(running)
+
+
+def test_the_http_ssl_context_serves_the_same_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path / "tls")
+    context = ServerConfig(tls_cert=str(cert), tls_key=str(key)).ssl_context()
+    assert context is not None
+    assert ServerConfig().ssl_context() is None
+
+    async def handshake() -> bytes:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"hello over tls")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        client = ssl.create_default_context(cafile=str(cert))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+        data = await reader.read()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return data
+
+    assert asyncio.run(handshake()) == b"hello over tls"
+
+
+def test_broken_tls_settings_fail_at_start(tmp_path: Path) -> None:
+    cert, _ = self_signed(tmp_path / "one")
+    _, other_key = self_signed(tmp_path / "two")
+    with pytest.raises(TlsConfigError, match="both"):
+        start_server(tmp_path / "data", tls_cert=str(cert))
+    with pytest.raises(TlsConfigError, match="cannot load"):
+        start_server(tmp_path / "data", tls_cert=str(cert), tls_key=str(other_key))
+    with pytest.raises(TlsConfigError, match="cannot"):
+        start_server(tmp_path / "data", tls_cert=str(cert), tls_key=str(tmp_path / "missing.pem"))
