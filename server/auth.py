@@ -19,6 +19,7 @@ as name/value pairs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, quotas, schema
-from blobstore.server.index import Index, IndexWriter
+from blobstore.server.index import Index, IndexReader, IndexWriter
 from blobstore.server.model import ANONYMOUS, DEFAULT_NAMESPACE, Caller, Role
 
 TOKEN_PREFIX = "bst_"
@@ -159,17 +160,32 @@ class TokenStore:
 
     def any(self) -> bool:
         with self.index.reader() as r:
-            return next(iter(r.scan(schema.TOKENS, b"")), None) is not None
+            return self.any_in(r)
+
+    @staticmethod
+    def any_in(reader: IndexReader) -> bool:
+        return next(iter(reader.scan(schema.TOKENS, b"")), None) is not None
 
     def resolve(self, token: str) -> Caller:
         with self.index.reader() as r:
-            raw = r.get(schema.TOKENS, hash_token(token))
+            return self.resolve_in(r, token)
+
+    def resolve_in(self, reader: IndexReader, token: str) -> Caller:
+        raw = reader.get(schema.TOKENS, hash_token(token))
         if raw is None:
             raise errors.Unauthenticated("the bearer token is not valid (unknown or revoked)")
-        record = rec.TokenRecord.FromString(raw)
-        if record.expire_time_ns and record.expire_time_ns <= self.clock():
+        caller, expire_time_ns = _grant(bytes(raw))
+        if expire_time_ns and expire_time_ns <= self.clock():
             raise errors.Unauthenticated("the bearer token has expired")
-        return Caller(record.namespace, parse_roles(record.roles))
+        return caller
+
+
+@functools.lru_cache(maxsize=4096)
+def _grant(raw: bytes) -> tuple[Caller, int]:
+    """A stored token record, parsed once: the record is still read on every request, so
+    revocation takes effect at once, but decoding it is not repeated."""
+    record = rec.TokenRecord.FromString(raw)
+    return Caller(record.namespace, parse_roles(record.roles)), record.expire_time_ns
 
 
 def bearer_token(metadata: Metadata) -> str | None:
@@ -208,16 +224,16 @@ class Authenticator:
 
     def caller_for(self, metadata: Metadata) -> Caller:
         token = bearer_token(metadata)
-        if token is not None:
-            caller = self.tokens.resolve(token)
-        elif self.anonymous_allowed and not self.tokens.any():
-            caller = ANONYMOUS
-        else:
-            raise errors.Unauthenticated(
-                "this server requires a bearer token: pass Storage(token=...) or set BLOBSTORE_TOKEN "
-                "(metadata 'authorization: Bearer <token>')"
-            )
         with self.tokens.index.reader() as r:
+            if token is not None:
+                caller = self.tokens.resolve_in(r, token)
+            elif self.anonymous_allowed and not self.tokens.any_in(r):
+                caller = ANONYMOUS
+            else:
+                raise errors.Unauthenticated(
+                    "this server requires a bearer token: pass Storage(token=...) or set BLOBSTORE_TOKEN "
+                    "(metadata 'authorization: Bearer <token>')"
+                )
             limits = quotas.limits_for(r, caller.namespace, self.quota_config)
         self.rate_limiter.acquire(caller.namespace, limits)
         return caller

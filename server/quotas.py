@@ -19,10 +19,12 @@ overwrite in place.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, schema
@@ -68,10 +70,17 @@ LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 def limits_for(reader: IndexReader, namespace: str, config: QuotaConfig) -> Limits:
     """The configured defaults with the namespace's stored overrides applied."""
-    values = {name: getattr(config, name) for name in LIMIT_NAMES}
+    defaults = tuple(getattr(config, name) for name in LIMIT_NAMES)
     raw = reader.get(schema.QUOTAS, namespace.encode())
-    if raw is not None:
-        for descriptor, value in rec.QuotaRecord.FromString(raw).ListFields():
+    return _merge(defaults, None if raw is None else bytes(raw))
+
+
+@functools.lru_cache(maxsize=1024)
+def _merge(defaults: tuple[Any, ...], raw_override: bytes | None) -> Limits:
+    # Cached: this runs on every request (for its rate limit) and on every commit.
+    values = dict(zip(LIMIT_NAMES, defaults, strict=True))
+    if raw_override is not None:
+        for descriptor, value in rec.QuotaRecord.FromString(raw_override).ListFields():
             values[descriptor.name] = value
     return Limits(**values)
 
