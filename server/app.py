@@ -129,6 +129,7 @@ class BlobstoreServer:
             check_exposure(host, self.tokens, allow_anonymous=self.config.allow_anonymous)
             tls = self.config.tls
             credentials = tls.grpc_credentials() if tls else None
+            http_tls = tls.ssl_context() if tls else None
         except Exception:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
             self._stopped.set()
@@ -146,7 +147,7 @@ class BlobstoreServer:
             raise OSError(f"cannot bind gRPC on {host}:{self.config.port}")
         await self.grpc.start()
         try:
-            await self._start_http(host)
+            await self._start_http(host, http_tls)
         except BaseException:
             # The HTTP port is taken, say: leave nothing half-started behind.
             await self.grpc.stop(0)
@@ -158,18 +159,19 @@ class BlobstoreServer:
         log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
         log.info("blobstore serving signed URLs over HTTP on port %d as %s", self.ports["http"], self.signer.base_url)
 
-    async def _start_http(self, host: str) -> None:
+    async def _start_http(self, host: str, tls: ssl.SSLContext | None) -> None:
         port = self.config.http_port
         if port is None:
             port = 0 if self.config.port == 0 else 50052
         await self.http.setup()
-        await web.TCPSite(self.http, host, port).start()
+        await web.TCPSite(self.http, host, port, ssl_context=tls).start()
         self.ports["http"] = self.http.addresses[0][1]
         public = self.config.public_url
         if not public:
             # A wildcard address is no place to send anyone: name this machine instead.
             name = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
-            public = f"http://{f'[{name}]' if ':' in name else name}:{self.ports['http']}"
+            scheme = "https" if tls else "http"
+            public = f"{scheme}://{f'[{name}]' if ':' in name else name}:{self.ports['http']}"
         self.signer.base_url = public.rstrip("/")
 
     async def _reap_forever(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import io
 import ipaddress
@@ -10,6 +9,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -69,29 +69,24 @@ def test_grpc_over_tls_with_the_servers_certificate(tmp_path: Path) -> None:
         stop_server(running)
 
 
-def test_the_http_ssl_context_serves_the_same_certificate(tmp_path: Path) -> None:
+def test_signed_urls_are_served_over_https_with_the_same_certificate(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path / "tls")
-    context = ServerConfig(tls_cert=str(cert), tls_key=str(key)).ssl_context()
-    assert context is not None
+    running = start_server(tmp_path / "data", tls_cert=str(cert), tls_key=str(key), http_port=0)
+    try:
+        with running.client(root_certificates=cert.read_bytes()) as secure:
+            upload_url = secure.get_upload_url("via-https")
+            assert upload_url.startswith("https://")
+            assert requests.put(upload_url, data=b"over https", verify=str(cert), timeout=30).ok
+            download_url = secure.get_signed_url("via-https")
+        assert requests.get(download_url, verify=str(cert), timeout=30).content == b"over https"
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(download_url, timeout=30)  # not signed by a CA the system trusts
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(download_url.replace("https://", "http://"), timeout=30)
+    finally:
+        stop_server(running)
     assert ServerConfig().ssl_context() is None
-
-    async def handshake() -> bytes:
-        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(b"hello over tls")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
-        port = server.sockets[0].getsockname()[1]
-        client = ssl.create_default_context(cafile=str(cert))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
-        data = await reader.read()
-        writer.close()
-        server.close()
-        await server.wait_closed()
-        return data
-
-    assert asyncio.run(handshake()) == b"hello over tls"
+    assert isinstance(ServerConfig(tls_cert=str(cert), tls_key=str(key)).ssl_context(), ssl.SSLContext)
 
 
 def test_broken_tls_settings_fail_at_start(tmp_path: Path) -> None:
