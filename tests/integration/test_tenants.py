@@ -24,7 +24,6 @@ from blobstore.client import (
     StorageError,
 )
 from blobstore.server import quotas
-from blobstore.server.app import ServerConfig
 from blobstore.server.auth import TokenStore
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
@@ -32,8 +31,6 @@ from tests.conftest import FakeClock, RunningServer, start_server, stop_server
 
 MiB = 1 << 20
 DAY = 86_400
-# The HTTP listener for signed URLs, where this build has one.
-HTTP_PORT = {"http_port": 0} if "http_port" in {f.name for f in dataclasses.fields(ServerConfig)} else {}
 
 
 @dataclass
@@ -62,7 +59,7 @@ class Tenants:
 
 @pytest.fixture
 def tenants(tmp_path: Path, clock: FakeClock) -> Iterator[Tenants]:
-    running = start_server(tmp_path / "data", clock=clock, **HTTP_PORT)
+    running = start_server(tmp_path / "data", clock=clock, http_port=0)
     store = TokenStore(running.engine.index, clock=clock)
     token = {
         "alice": store.create("alice")[0],
@@ -224,27 +221,21 @@ def test_writes_with_alices_token_never_touch_bobs_keys(tenants: Tenants) -> Non
 
 
 def test_signed_urls_are_bound_to_the_namespace_that_made_them(tenants: Tenants) -> None:
-    stub, metadata = tenants.stub("alice")
-    bob_stub, bob_metadata = tenants.stub("bob")
-
-    def url(which: pb_grpc.StorageStub, meta: Any, key: str, method: int) -> str:
-        request = pb.CreateSignedUrlRequest(key=key, method=method)  # type: ignore[arg-type]
-        response: pb.CreateSignedUrlResponse = which.CreateSignedUrl(request, metadata=meta)
-        return response.url
-
-    if outcome(lambda: url(stub, metadata, "k", pb.CreateSignedUrlRequest.GET))[0] == "UNIMPLEMENTED":
-        pytest.skip("signed URLs are not in this build")
-    tenants.bob.set("secret", b"bob's")
-    alice_get = requests.get(url(stub, metadata, "secret", pb.CreateSignedUrlRequest.GET), timeout=30)
+    alice, bob = tenants.alice, tenants.bob
+    bob.set("secret", b"bob's")
+    alice_get = requests.get(alice.get_signed_url("secret"), timeout=30)
+    never = requests.get(alice.get_signed_url("never-existed"), timeout=30)
     assert alice_get.status_code == 404
-    never = requests.get(url(stub, metadata, "never-existed", pb.CreateSignedUrlRequest.GET), timeout=30)
     assert (alice_get.status_code, alice_get.text.replace("secret", "never-existed")) == (never.status_code, never.text)
-    put = requests.put(url(stub, metadata, "secret", pb.CreateSignedUrlRequest.PUT), data=b"alice's", timeout=30)
-    assert put.status_code in (200, 201, 204)
-    assert tenants.bob.get("secret") == b"bob's"
-    assert tenants.alice.get("secret") == b"alice's"
-    bob_url = url(bob_stub, bob_metadata, "secret", pb.CreateSignedUrlRequest.GET)
-    assert requests.get(bob_url, timeout=30).content == b"bob's"
+    assert requests.head(alice.get_signed_url("secret"), timeout=30).status_code == 404
+    assert requests.put(alice.get_upload_url("secret"), data=b"alice's", timeout=30).ok
+    assert bob.get("secret") == b"bob's"
+    assert alice.get("secret") == b"alice's"
+    assert requests.get(bob.get_signed_url("secret"), timeout=30).content == b"bob's"
+    # Moving a URL into another namespace breaks its signature.
+    forged = bob.get_signed_url("secret").replace("ns=bob", "ns=alice")
+    assert forged != bob.get_signed_url("secret")
+    assert requests.get(forged, timeout=30).status_code == 403
 
 
 def test_upload_sessions_are_bound_to_their_namespace(tenants: Tenants) -> None:
@@ -302,25 +293,12 @@ def test_products_for_a_user_and_for_the_catalog(tenants: Tenants, tmp_path: Pat
 
 
 def test_signed_get_of_products_needs_the_catalog_role(tenants: Tenants) -> None:
-    stub, metadata = tenants.stub("alice")
-    catalog_stub, catalog_metadata = tenants.stub("alice-catalog")
-    products = pb.STORAGE_TYPE_PRODUCTS
-    get = pb.CreateSignedUrlRequest(key="p.tif", storage_type=products, method=pb.CreateSignedUrlRequest.GET)
-    put = pb.CreateSignedUrlRequest(key="p.tif", storage_type=products, method=pb.CreateSignedUrlRequest.PUT)
-    try:
-        put_url = stub.CreateSignedUrl(put, metadata=metadata).url
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
-        pytest.skip("signed URLs are not in this build")
-    assert requests.put(put_url, data=b"raster", timeout=30).status_code in (200, 201, 204)
-    try:
-        user_url = stub.CreateSignedUrl(get, metadata=metadata).url
-    except grpc.RpcError as exc:  # refused when asked for...
-        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "catalog" in (exc.details() or "")
-    else:  # ...or when used
-        assert requests.get(user_url, timeout=30).status_code in (403, 409)
-    catalog_url = catalog_stub.CreateSignedUrl(get, metadata=catalog_metadata).url
+    put_url = tenants.alice.get_upload_url("p.tif", "products")
+    assert requests.put(put_url, data=b"raster", timeout=30).ok
+    with pytest.raises(PreconditionError, match="read and removed through the catalog") as refused:
+        tenants.alice.get_signed_url("p.tif", "products")
+    assert refused.value.reason == "FORBIDDEN_BY_STORAGE_TYPE"
+    catalog_url = tenants.alice_catalog.get_signed_url("p.tif", "products")
     assert requests.get(catalog_url, timeout=30).content == b"raster"
 
 
