@@ -343,6 +343,10 @@ def test_byte_quota_hit_leaves_nothing_behind_and_recovers(tenants: Tenants, tmp
     assert caught.value.reason == "QUOTA_EXCEEDED"
     assert not alice.exists("big")
     assert list(tenants.server.engine.chunks.iter_digests()) == []
+    put = requests.put(alice.get_upload_url("big"), data=too_big.read_bytes(), timeout=30)
+    assert put.status_code == 507 and "max_bytes" in put.text
+    assert not alice.exists("big")
+    assert list(tenants.server.engine.chunks.iter_digests()) == []
     alice.set_file("big", io.BytesIO(big_value(12, 2 * MiB)))  # exactly to the limit
     with pytest.raises(ResourceExhaustedError, match="max_bytes"):
         alice.set("one-more", b"!")
