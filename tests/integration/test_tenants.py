@@ -261,6 +261,21 @@ def test_upload_sessions_are_bound_to_their_namespace(tenants: Tenants) -> None:
     assert tenants.bob.list() == []
 
 
+def test_batch_calls_stay_in_the_callers_namespace(tenants: Tenants) -> None:
+    stub, metadata = tenants.stub("alice")
+    tenants.bob.set("secret", b"bob's")
+    entries = [pb.BatchSetEntry(key="secret", value=b"alice's"), pb.BatchSetEntry(key="other", value=b"x")]
+    try:
+        stub.BatchSet(pb.BatchSetRequest(entries=entries), metadata=metadata)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+        pytest.skip("batch calls are not in this build")
+    assert tenants.bob.get("secret") == b"bob's"
+    assert tenants.bob.list() == ["secret"]
+    got = stub.BatchGet(pb.BatchGetRequest(keys=["secret", "other"]), metadata=metadata)
+    assert [result.value for result in got.results] == [b"alice's", b"x"]
+
+
 # ---------------------------------------------------------------------- storage types
 
 
