@@ -377,7 +377,7 @@ def tenant_serve_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def tenant_settings(flags: dict[str, Any]) -> dict[str, Any]:
     """Replaces the flags of tenant_serve_options by the settings they stand for (unset flags drop out)."""
     flags = dict(flags)
-    if not flags.pop("allow_anonymous", None):
+    if not flags.get("allow_anonymous"):
         flags["allow_anonymous"] = None  # absent: the file or environment decides
     tmp_ttl = flags.pop("tmp_ttl", None)
     flags["engine.tmp_ttl_ns"] = None if tmp_ttl is None else int(tmp_ttl * 10**9)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from blobstore.client import AuthenticationError, ResourceExhaustedError
-from blobstore.client.cli import apply_tenant_options, serve
+from blobstore.client.cli import EXIT_CONFIG, serve, tenant_settings
 from blobstore.server.app import ServerConfig
+from blobstore.server.config import load_config
 from tests.conftest import RunningServer, start_server, stop_server
 
 
@@ -58,11 +59,11 @@ def test_token_create_list_revoke_against_a_running_server(live: RunningServer) 
 def test_token_commands_refuse_bad_input_with_one_line(live: RunningServer) -> None:
     data_dir = str(live.data_dir)
     bad_namespace = blobstore("token", "create", "--data-dir", data_dir, "--namespace", "a b", check=False)
-    assert bad_namespace.returncode != 0 and "namespace 'a b' is not valid" in bad_namespace.stderr
+    assert bad_namespace.returncode == 5 and "namespace 'a b' is not valid" in bad_namespace.stderr
     bad_role = blobstore("token", "create", "--data-dir", data_dir, "--namespace", "a", "--role", "root", check=False)
-    assert bad_role.returncode != 0 and "root" in bad_role.stderr
+    assert bad_role.returncode == 2 and "root" in bad_role.stderr
     unknown = blobstore("token", "revoke", "--data-dir", data_dir, "deadbeef", check=False)
-    assert unknown.returncode != 0 and "no token with id" in unknown.stderr
+    assert unknown.returncode == 3 and "no token with id" in unknown.stderr
     assert blobstore("token", "list", "--data-dir", data_dir).stdout.count("\n") == 1  # the header alone
 
 
@@ -83,36 +84,30 @@ def test_quota_set_takes_effect_on_a_running_server(live: RunningServer) -> None
 
 def test_serve_refuses_an_open_non_loopback_bind(tmp_path: Path) -> None:
     refused = blobstore("serve", "--data-dir", str(tmp_path / "data"), "--host", "0.0.0.0", "--port", "0", check=False)
-    assert refused.returncode == 1
+    assert refused.returncode == EXIT_CONFIG
     assert "refusing to serve without authentication" in refused.stderr
     assert "--allow-anonymous" in refused.stderr
 
 
-def test_serve_flags_reach_the_server_configuration() -> None:
-    context = serve.make_context(
-        "serve",
-        [
-            "--tmp-ttl",
-            "12h",
-            "--quota-bytes",
-            "10GiB",
-            "--quota-objects",
-            "500",
-            "--quota-uploads",
-            "3",
-            "--rate-limit",
-            "7.5",
-            "--allow-anonymous",
-        ],
-    )
-    config = ServerConfig()
-    apply_tenant_options(config, {k: v for k, v in context.params.items() if k not in ("data_dir", "host", "port")})
+def test_serve_flags_reach_the_server_configuration(tmp_path: Path) -> None:
+    def configured(*args: str, file: str | None = None) -> ServerConfig:
+        flags = serve.make_context("serve", list(args)).params
+        flags = {name: value for name, value in flags.items() if name not in ("config_file", "assignments")}
+        return load_config(ServerConfig, file=file, env={}, overrides=tenant_settings(flags))
+
+    config = configured(
+        "--tmp-ttl", "12h", "--quota-bytes", "10GiB", "--quota-objects", "500", "--quota-uploads", "3",
+        "--rate-limit", "7.5", "--allow-anonymous",
+    )  # fmt: skip
     assert config.engine.tmp_ttl_ns == 12 * 3600 * 10**9
     quotas = config.engine.quotas
     assert (quotas.max_bytes, quotas.max_objects, quotas.max_open_uploads) == (10 << 30, 500, 3)
     assert quotas.requests_per_second == 7.5
     assert config.allow_anonymous
-    defaults = ServerConfig()
-    apply_tenant_options(defaults, {})
-    assert defaults.engine.quotas == ServerConfig().engine.quotas
-    assert defaults.engine.tmp_ttl_ns == 7 * 86_400 * 10**9
+    assert configured() == ServerConfig()
+    # An absent flag leaves the file's setting alone.
+    toml = tmp_path / "blobstore.toml"
+    toml.write_text("allow_anonymous = true\n[engine]\ntmp_ttl_ns = 5\n[engine.quotas]\nmax_objects = 9\n")
+    from_file = configured(file=str(toml))
+    assert (from_file.allow_anonymous, from_file.engine.tmp_ttl_ns, from_file.engine.quotas.max_objects) == (True, 5, 9)
+    assert configured("--quota-objects", "4", file=str(toml)).engine.quotas.max_objects == 4
