@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 from collections.abc import Callable, Iterator
@@ -15,8 +16,10 @@ import pytest
 import requests
 
 from blobstore.client import (
+    AsyncStorage,
     AuthenticationError,
     InvalidArgumentError,
+    Limits,
     NotFoundError,
     PreconditionError,
     ResourceExhaustedError,
@@ -433,6 +436,12 @@ def test_limits_report_the_quotas_and_their_use(tenants: Tenants) -> None:
     assert limits.max_unary_value_bytes == 1 << 20
     bob = tenants.bob.limits()
     assert (bob.namespace, bob.bytes.limit, bob.bytes.used) == ("bob", quotas.QuotaConfig().max_bytes, 0)
+
+    async def from_async_client() -> Limits:
+        async with AsyncStorage(tenants.server.address, token=tenants.token["alice"]) as storage:
+            return await storage.limits()
+
+    assert asyncio.run(from_async_client()) == limits
 
 
 # ---------------------------------------------------------------------- open servers
