@@ -348,6 +348,10 @@ class _Client:
         self.timeout = timeout
         self.retries = retries
         self.chunk_size = chunk_size
+        ca_file = os.environ.get("BLOBSTORE_CA_CERT")
+        if root_certificates is None and ca_file:
+            with open(ca_file, "rb") as fobj:
+                root_certificates = fobj.read()
         # grpc and grpc.aio offer the same two channel constructors.
         channels: Any = grpc.aio if self._asynchronous else grpc
         if secure or root_certificates is not None:
@@ -369,7 +373,8 @@ class Storage(_Client):
     """Client of a blobstore server.
 
     `address` defaults to $BLOBSTORE_ADDRESS, then 127.0.0.1:50051; `token` to
-    $BLOBSTORE_TOKEN. Pass `root_certificates` (PEM bytes) to use TLS. A
+    $BLOBSTORE_TOKEN. Pass `root_certificates` (PEM bytes), or name a PEM file in
+    $BLOBSTORE_CA_CERT, to use TLS (`secure=True`: TLS with the system's CAs). A
     Storage is safe to share between threads; close() it, or use it as a
     context manager, when done.
     """

@@ -50,7 +50,7 @@ def self_signed(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_grpc_over_tls_with_the_servers_certificate(tmp_path: Path) -> None:
+def test_grpc_over_tls_with_the_servers_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cert, key = self_signed(tmp_path / "tls")
     running = start_server(tmp_path / "data", tls_cert=str(cert), tls_key=str(key))
     try:
@@ -59,6 +59,10 @@ def test_grpc_over_tls_with_the_servers_certificate(tmp_path: Path) -> None:
             secure.set_file("big", io.BytesIO(b"z" * (3 << 20)))
             assert secure.get("k") == b"over tls"
             assert secure.get("big") == b"z" * (3 << 20)
+        with monkeypatch.context() as env:
+            env.setenv("BLOBSTORE_CA_CERT", str(cert))
+            with running.client() as from_env:
+                assert from_env.get("k") == b"over tls"
         with Storage(running.address, timeout=5, retries=0) as plaintext, pytest.raises(UnavailableError):
             plaintext.get("k")
         stranger, _ = self_signed(tmp_path / "other")
