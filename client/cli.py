@@ -339,10 +339,11 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 _DATA_DIR = click.option(
     "--data-dir",
+    envvar="BLOBSTORE_DATA_DIR",
     default="./data",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="The server's data folder.",
+    help="The server's data folder [env: BLOBSTORE_DATA_DIR].",
 )
 
 
