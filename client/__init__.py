@@ -21,7 +21,7 @@ from blobstore.client.errors import (
     StorageError,
     UnavailableError,
 )
-from blobstore.client.storage import STORAGE_TYPES, ObjectInfo, Storage
+from blobstore.client.storage import STORAGE_TYPES, Limits, ObjectInfo, Quota, Storage
 
 __all__ = [
     "STORAGE_TYPES",
@@ -31,11 +31,13 @@ __all__ = [
     "DataLossError",
     "DeadlineExceededError",
     "InvalidArgumentError",
+    "Limits",
     "NotFoundError",
     "ObjectInfo",
     "OutOfRangeError",
     "PermissionDeniedError",
     "PreconditionError",
+    "Quota",
     "ResourceExhaustedError",
     "Storage",
     "StorageError",

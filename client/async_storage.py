@@ -21,6 +21,7 @@ from blobstore.client.storage import (
     CHUNK_SIZE,
     OBJECT_TOO_LARGE_FOR_UNARY,
     DownloadState,
+    Limits,
     ObjectInfo,
     PathOrFile,
     Progress,
@@ -108,10 +109,10 @@ class AsyncStorage(_Client):
                 self._max_unary = CHUNK_SIZE
         return self._max_unary
 
-    async def limits(self) -> pb.GetLimitsResponse:
-        """The server's limits and this caller's quota usage."""
+    async def limits(self) -> Limits:
+        """The server's limits, and the quotas of this caller's namespace with their current use."""
         response: pb.GetLimitsResponse = await self._call(self._stub.GetLimits, pb.GetLimitsRequest())
-        return response
+        return Limits.from_pb(response)
 
     # ------------------------------------------------------------------ streaming
 

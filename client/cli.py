@@ -13,10 +13,12 @@ import asyncio
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, TypeVar
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 import grpc
@@ -24,6 +26,9 @@ from tqdm import tqdm
 
 from blobstore.client import errors
 from blobstore.client.storage import DEFAULT_ADDRESS, STORAGE_TYPES, ObjectInfo, Progress, Storage
+
+if TYPE_CHECKING:
+    from blobstore.server.index import LmdbIndex
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -290,6 +295,254 @@ def rm(storage: Storage, storage_type: str, keys: tuple[str, ...]) -> None:
         storage.delete(key, storage_type)
 
 
+# ---------------------------------------------------------------------- tenants: tokens, quotas, serve options
+# Tokens and quota overrides live in the server's index under --data-dir; these
+# commands work while the server runs (the index takes writers from several processes).
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_QUANTITY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def _quantity(text: str, units: dict[str, int], what: str) -> float:
+    match = _QUANTITY.fullmatch(text)
+    if match is None or match.group(2).lower() not in units:
+        raise click.BadParameter(f"{text!r} is not a {what} (examples: {', '.join(_EXAMPLES[what])})")
+    return float(match.group(1)) * units[match.group(2).lower()]
+
+
+_EXAMPLES = {"size": ("1000000", "500MB", "10GiB", "0 for unlimited"), "duration": ("3600", "90m", "12h", "7d")}
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else int(_quantity(value, _SIZE_UNITS, "size"))
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    return None if value is None else _quantity(value, _DURATION_UNITS, "duration")
+
+
+_DATA_DIR = click.option(
+    "--data-dir",
+    envvar="BLOBSTORE_DATA_DIR",
+    default="./data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The server's data folder [env: BLOBSTORE_DATA_DIR].",
+)
+
+
+def tenant_serve_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The serve flags of authentication, TLS, tmp expiry and default quotas."""
+    options = [
+        click.option(
+            "--allow-anonymous",
+            is_flag=True,
+            help="Without tokens, serve the 'default' namespace to anyone, even on a non-loopback address.",
+        ),
+        click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="PEM certificate chain."),
+        click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key."),
+        click.option(
+            "--tmp-ttl",
+            callback=_duration,
+            metavar="DURATION",
+            help="Lifetime of tmp objects after their last write [7d].",
+        ),
+        click.option(
+            "--quota-bytes", callback=_size, metavar="SIZE", help="Default bytes per namespace (0: unlimited) [1TiB]."
+        ),
+        click.option("--quota-objects", type=int, help="Default objects per namespace (0: unlimited)."),
+        click.option("--quota-uploads", type=int, help="Default open upload sessions per namespace (0: unlimited)."),
+        click.option("--rate-limit", type=float, help="Default requests per second per namespace (0: unlimited)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def tenant_settings(flags: dict[str, Any]) -> dict[str, Any]:
+    """Replaces the flags of tenant_serve_options by the settings they stand for (unset flags drop out)."""
+    flags = dict(flags)
+    if not flags.get("allow_anonymous"):
+        flags["allow_anonymous"] = None  # absent: the file or environment decides
+    tmp_ttl = flags.pop("tmp_ttl", None)
+    flags["engine.tmp_ttl_ns"] = None if tmp_ttl is None else int(tmp_ttl * 10**9)
+    for flag, setting in (
+        ("quota_bytes", "engine.quotas.max_bytes"),
+        ("quota_objects", "engine.quotas.max_objects"),
+        ("quota_uploads", "engine.quotas.max_open_uploads"),
+        ("rate_limit", "engine.quotas.requests_per_second"),
+    ):
+        flags[setting] = flags.pop(flag, None)
+    return flags
+
+
+@contextmanager
+def _index(data_dir: str) -> Iterator[LmdbIndex]:
+    from blobstore.server.index import LmdbIndex
+
+    index = LmdbIndex(os.path.join(data_dir, "index"))
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+@contextmanager
+def _fails_cleanly() -> Iterator[None]:
+    """Errors of the store end these commands like client errors: one line, the exit code of their class."""
+    from blobstore.server import status
+    from blobstore.server.errors import BlobstoreError
+
+    try:
+        yield
+    except BlobstoreError as exc:
+        code = status.grpc_code(exc)
+        message = f"{code.name.lower().replace('_', ' ')}: {exc.message}"
+        _fail(click.get_current_context(), message, EXIT_CODES.get(code, 1))
+
+
+def _when(ns: int) -> str:
+    if not ns:
+        return "never"
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@main.group()
+def token() -> None:
+    """Create, list and revoke bearer tokens (stored hashed in the data dir)."""
+
+
+@token.command("create")
+@_DATA_DIR
+@click.option("--namespace", required=True, help="The key space the token acts in.")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["user", "catalog", "admin"]),
+    help="Repeatable. catalog: may read and delete products. admin: every role. [user]",
+)
+@click.option("--description", default="", help="A note shown by `token list`.")
+@click.option("--expires-in", callback=_duration, metavar="DURATION", help="Lifetime, e.g. 90d (default: no expiry).")
+def token_create(data_dir: str, namespace: str, roles: tuple[str, ...], description: str, expires_in: float) -> None:
+    """Print a new token; it is shown this once and cannot be recovered."""
+    from blobstore.server.auth import TokenStore
+
+    with _fails_cleanly(), _index(data_dir) as index:
+        secret, info = TokenStore(index).create(
+            namespace, roles or ("user",), description=description, expires_in_ns=int((expires_in or 0) * 10**9)
+        )
+    click.echo(secret)
+    click.echo(
+        f"token {info.id} for namespace {info.namespace!r}, roles {', '.join(sorted(r.value for r in info.roles))}, "
+        f"expires {_when(info.expire_time_ns)}",
+        err=True,
+    )
+
+
+@token.command("list")
+@_DATA_DIR
+def token_list(data_dir: str) -> None:
+    """List tokens: id, namespace, roles, dates, description (never the token)."""
+    from blobstore.server.auth import TokenStore
+
+    with _fails_cleanly(), _index(data_dir) as index:
+        infos = TokenStore(index).list()
+    rows = [("ID", "NAMESPACE", "ROLES", "CREATED", "EXPIRES", "DESCRIPTION")]
+    for info in infos:
+        roles = ",".join(sorted(role.value for role in info.roles))
+        rows.append(
+            (info.id, info.namespace, roles, _when(info.create_time_ns), _when(info.expire_time_ns), info.description)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+@token.command("revoke")
+@_DATA_DIR
+@click.argument("token_id")
+def token_revoke(data_dir: str, token_id: str) -> None:
+    """Revoke the token with this id (or a unique prefix of it); effective at once."""
+    from blobstore.server.auth import TokenStore
+
+    with _fails_cleanly(), _index(data_dir) as index:
+        info = TokenStore(index).revoke(token_id)
+    click.echo(f"revoked token {info.id} of namespace {info.namespace!r}")
+
+
+@main.group()
+def quota() -> None:
+    """Show or override one namespace's quotas (stored in the data dir, effective at once)."""
+
+
+@quota.command("set")
+@_DATA_DIR
+@click.argument("namespace")
+@click.option("--max-bytes", callback=_size, metavar="SIZE")
+@click.option("--max-objects", type=int)
+@click.option("--max-open-uploads", type=int)
+@click.option("--requests-per-second", type=float)
+@click.option("--burst", type=int)
+@click.option("--reset", is_flag=True, help="Drop every override: back to the server's defaults.")
+def quota_set(data_dir: str, namespace: str, reset: bool, **limits: int | float | None) -> None:
+    """Override limits of NAMESPACE (0: unlimited); unnamed limits keep their value."""
+    from blobstore.server import quotas
+    from blobstore.server.auth import validate_namespace
+
+    values: dict[str, int | float | None] = dict.fromkeys(quotas.LIMIT_NAMES) if reset else {}
+    values.update({name: value for name, value in limits.items() if value is not None})
+    with _fails_cleanly(), _index(data_dir) as index:
+        validate_namespace(namespace)
+        index.submit(lambda txn: quotas.set_override(txn, namespace, **values)).result()
+    _show_quota(data_dir, namespace)
+
+
+@quota.command("show")
+@_DATA_DIR
+@click.argument("namespace")
+def quota_show(data_dir: str, namespace: str) -> None:
+    """Limits and usage of NAMESPACE, as the server with default settings sees them."""
+    _show_quota(data_dir, namespace)
+
+
+def _show_quota(data_dir: str, namespace: str) -> None:
+    from blobstore.server import quotas
+
+    with _fails_cleanly(), _index(data_dir) as index, index.reader() as r:
+        status = quotas.read_status(r, namespace, quotas.QuotaConfig())
+    limits, usage = status.limits, status.usage
+
+    def limit(value: float) -> str:
+        return "unlimited" if not value else str(value) if isinstance(value, int) else f"{value:g}"
+
+    click.echo(f"namespace            {namespace}")
+    click.echo(f"bytes                {usage.bytes} of {limit(limits.max_bytes)}")
+    click.echo(f"objects              {usage.objects} of {limit(limits.max_objects)}")
+    click.echo(f"open uploads         {usage.open_uploads} of {limit(limits.max_open_uploads)}")
+    burst = limits.burst or "2 s worth"
+    click.echo(f"requests per second  {limit(limits.requests_per_second)} (burst {burst})")
+
+
+# ---------------------------------------------------------------------- end of tenants
+
+
 # ---------------------------------------------------------------------- serve
 
 
@@ -317,6 +570,7 @@ def rm(storage: Storage, storage_type: str, keys: tuple[str, ...]) -> None:
     metavar="NAME=VALUE",
     help="Any setting, e.g. --set engine.chunk_size=4194304 (repeatable).",
 )
+@tenant_serve_options
 def serve(config_file: str | None, assignments: tuple[str, ...], **flags: Any) -> None:
     """Run the server until SIGTERM or SIGINT.
 
@@ -325,20 +579,21 @@ def serve(config_file: str | None, assignments: tuple[str, ...], **flags: Any) -
     """
     from blobstore.server.app import ServerConfig
     from blobstore.server.app import serve as run
+    from blobstore.server.auth import OpenBindRefused
     from blobstore.server.config import ConfigError, load_config, parse_assignments
     from blobstore.server.logs import configure_logging
+    from blobstore.server.tls import TlsConfigError
 
     ctx = click.get_current_context()
     try:
-        config = load_config(
-            ServerConfig, file=config_file, env=os.environ, overrides={**parse_assignments(assignments), **flags}
-        )
+        overrides = {**parse_assignments(assignments), **tenant_settings(flags)}
+        config = load_config(ServerConfig, file=config_file, env=os.environ, overrides=overrides)
     except ConfigError as exc:
         _fail(ctx, f"configuration: {exc}", EXIT_CONFIG)
     configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(run(config))
-    except OSError as exc:
+    except (OSError, OpenBindRefused, TlsConfigError) as exc:
         _fail(ctx, f"cannot start the server: {exc}", EXIT_CONFIG)
 
 

@@ -82,6 +82,52 @@ class ObjectInfo:
         )
 
 
+@dataclass(frozen=True)
+class Quota:
+    """One quota of the caller's namespace: `limit` None means unlimited."""
+
+    limit: int | None
+    used: int
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+    @classmethod
+    def from_pb(cls, message: pb.Quota) -> Quota:
+        return cls(limit=message.limit or None, used=message.used)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's limits and the caller's quotas with their current use."""
+
+    namespace: str
+    max_unary_value_bytes: int
+    max_message_bytes: int
+    chunk_size_bytes: int
+    bytes: Quota
+    objects: Quota
+    open_uploads: Quota
+    # Sustained requests per second allowed; None means unlimited.
+    requests_per_second: float | None
+    max_batch_entries: int
+
+    @classmethod
+    def from_pb(cls, message: pb.GetLimitsResponse) -> Limits:
+        return cls(
+            namespace=message.namespace,
+            max_unary_value_bytes=message.max_unary_value_bytes,
+            max_message_bytes=message.max_message_bytes,
+            chunk_size_bytes=message.chunk_size_bytes,
+            bytes=Quota.from_pb(message.bytes),
+            objects=Quota.from_pb(message.objects),
+            open_uploads=Quota.from_pb(message.open_uploads),
+            requests_per_second=message.requests_per_second or None,
+            max_batch_entries=message.max_batch_entries,
+        )
+
+
 def storage_type_number(storage_type: str) -> pb.StorageType.ValueType:
     try:
         return STORAGE_TYPES[storage_type]
@@ -302,6 +348,10 @@ class _Client:
         self.timeout = timeout
         self.retries = retries
         self.chunk_size = chunk_size
+        ca_file = os.environ.get("BLOBSTORE_CA_CERT")
+        if root_certificates is None and ca_file:
+            with open(ca_file, "rb") as fobj:
+                root_certificates = fobj.read()
         # grpc and grpc.aio offer the same two channel constructors.
         channels: Any = grpc.aio if self._asynchronous else grpc
         if secure or root_certificates is not None:
@@ -323,7 +373,8 @@ class Storage(_Client):
     """Client of a blobstore server.
 
     `address` defaults to $BLOBSTORE_ADDRESS, then 127.0.0.1:50051; `token` to
-    $BLOBSTORE_TOKEN. Pass `root_certificates` (PEM bytes) to use TLS. A
+    $BLOBSTORE_TOKEN. Pass `root_certificates` (PEM bytes), or name a PEM file in
+    $BLOBSTORE_CA_CERT, to use TLS (`secure=True`: TLS with the system's CAs). A
     Storage is safe to share between threads; close() it, or use it as a
     context manager, when done.
     """
@@ -387,13 +438,13 @@ class Storage(_Client):
                 self._max_unary = CHUNK_SIZE
         return self._max_unary
 
-    def limits(self) -> pb.GetLimitsResponse:
-        """The server's limits and this caller's quota usage."""
+    def limits(self) -> Limits:
+        """The server's limits, and the quotas of this caller's namespace with their current use."""
         with _translated():
             response: pb.GetLimitsResponse = self._stub.GetLimits(
                 pb.GetLimitsRequest(), timeout=self.timeout, metadata=self._metadata
             )
-        return response
+        return Limits.from_pb(response)
 
     # ------------------------------------------------------------------ streaming
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,13 +16,16 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from blobstore.server.auth import Authenticator, TokenStore, check_exposure, is_loopback
 from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.health import HealthServicer
 from blobstore.server.http import AccessLogger, create_http_app
 from blobstore.server.logs import LogFormat
 from blobstore.server.metrics import Metrics, TelemetryInterceptor, instrument_http_app
+from blobstore.server.quotas import RateLimiter
 from blobstore.server.service import ErrorInterceptor, StorageServicer
 from blobstore.server.signing import UrlSigner, load_secrets
+from blobstore.server.tls import TlsFiles
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
@@ -51,7 +55,22 @@ class ServerConfig:
     reap_interval_s: float = 60.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: LogFormat = "text"
+    # Without tokens the server is open (namespace "default"); it then binds only
+    # loopback addresses unless this is set.
+    allow_anonymous: bool = False
+    # PEM certificate chain and private key: TLS on every listener when both are set.
+    tls_cert: str = ""
+    tls_key: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        return TlsFiles.from_paths(self.tls_cert, self.tls_key)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side SSLContext for HTTP listeners, None without TLS."""
+        tls = self.tls
+        return tls.ssl_context() if tls else None
 
 
 class BlobstoreServer:
@@ -62,7 +81,19 @@ class BlobstoreServer:
         self.engine = engine or open_engine(config.data_dir, config.engine)
         secrets = config.url_signing_secrets or tuple(load_secrets(config.data_dir))
         self.signer = UrlSigner(secrets, clock=self.engine.clock)
-        self.servicer = StorageServicer(self.engine, max_message_bytes=config.max_message_bytes, url_signer=self.signer)
+        self.tokens = TokenStore(self.engine.index, clock=self.engine.clock)
+        self.authenticator = Authenticator(
+            self.tokens,
+            self.engine.config.quotas,
+            RateLimiter(self.engine.clock),
+            anonymous_allowed=config.allow_anonymous or is_loopback(config.host),
+        )
+        self.servicer = StorageServicer(
+            self.engine,
+            resolve_caller=lambda context: self.authenticator.caller_for(context.invocation_metadata() or ()),
+            max_message_bytes=config.max_message_bytes,
+            url_signer=self.signer,
+        )
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -93,16 +124,30 @@ class BlobstoreServer:
         return f"{self.config.host}:{self.ports['grpc']}"
 
     async def start(self) -> None:
+        host = self.config.host
+        try:
+            check_exposure(host, self.tokens, allow_anonymous=self.config.allow_anonymous)
+            tls = self.config.tls
+            credentials = tls.grpc_credentials() if tls else None
+            http_tls = tls.ssl_context() if tls else None
+        except Exception:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+            self._stopped.set()
+            raise
+        if tls is None and not is_loopback(host) and self.tokens.any():
+            log.warning("serving %s without TLS: bearer tokens cross the network in plain text", host)
         swept = await asyncio.get_running_loop().run_in_executor(None, self.engine.startup_sweep)
         log.info("start-up sweep: %s", swept)
-        host = self.config.host
         bind = f"[{host}]" if ":" in host else host
-        self.ports["grpc"] = self.grpc.add_insecure_port(f"{bind}:{self.config.port}")
+        if credentials is None:
+            self.ports["grpc"] = self.grpc.add_insecure_port(f"{bind}:{self.config.port}")
+        else:
+            self.ports["grpc"] = self.grpc.add_secure_port(f"{bind}:{self.config.port}", credentials)
         if self.ports["grpc"] == 0:
             raise OSError(f"cannot bind gRPC on {host}:{self.config.port}")
         await self.grpc.start()
         try:
-            await self._start_http(host)
+            await self._start_http(host, http_tls)
         except BaseException:
             # The HTTP port is taken, say: leave nothing half-started behind.
             await self.grpc.stop(0)
@@ -114,18 +159,19 @@ class BlobstoreServer:
         log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
         log.info("blobstore serving signed URLs over HTTP on port %d as %s", self.ports["http"], self.signer.base_url)
 
-    async def _start_http(self, host: str) -> None:
+    async def _start_http(self, host: str, tls: ssl.SSLContext | None) -> None:
         port = self.config.http_port
         if port is None:
             port = 0 if self.config.port == 0 else 50052
         await self.http.setup()
-        await web.TCPSite(self.http, host, port).start()
+        await web.TCPSite(self.http, host, port, ssl_context=tls).start()
         self.ports["http"] = self.http.addresses[0][1]
         public = self.config.public_url
         if not public:
             # A wildcard address is no place to send anyone: name this machine instead.
             name = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
-            public = f"http://{f'[{name}]' if ':' in name else name}:{self.ports['http']}"
+            scheme = "https" if tls else "http"
+            public = f"{scheme}://{f'[{name}]' if ':' in name else name}:{self.ports['http']}"
         self.signer.base_url = public.rstrip("/")
 
     async def _reap_forever(self) -> None:

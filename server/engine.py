@@ -24,13 +24,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 import google_crc32c
 
 from blobstore.internal import records_pb2 as rec
-from blobstore.server import errors, schema
+from blobstore.server import errors, quotas, schema
 from blobstore.server.chunkstore import ChunkStore
 from blobstore.server.index import Index, IndexReader, IndexWriter
 from blobstore.server.model import (
@@ -44,6 +44,7 @@ from blobstore.server.model import (
     validate_key,
     validate_metadata,
 )
+from blobstore.server.quotas import QuotaConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +68,7 @@ class EngineConfig:
     upload_pipeline_depth: int = 3
     # Chunks of one download read ahead.
     download_readahead: int = 2
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
 
 
 @dataclass
@@ -241,15 +243,12 @@ class Engine:
         txn.put(schema.META, schema.META_GENERATION, schema.pack_u64(generation))
         return generation
 
-    @staticmethod
-    def _add_usage(txn: IndexWriter, namespace: str, *, size: int = 0, objects: int = 0, uploads: int = 0) -> None:
-        key = namespace.encode()
-        raw = txn.get(schema.USAGE, key)
-        usage = rec.UsageRecord.FromString(raw) if raw else rec.UsageRecord()
-        usage.bytes += size
-        usage.objects += objects
-        usage.open_uploads += uploads
-        txn.put(schema.USAGE, key, usage.SerializeToString())
+    def _add_usage(
+        self, txn: IndexWriter, namespace: str, *, size: int = 0, objects: int = 0, uploads: int = 0
+    ) -> None:
+        """Moves a namespace's usage, or raises QuotaExceeded if a count that grows would pass its
+        limit (the transaction then writes nothing). Charge a net change in one call."""
+        quotas.charge(txn, namespace, self.config.quotas, size=size, objects=objects, uploads=uploads)
 
     @staticmethod
     def _incref(txn: IndexWriter, refs: Iterable[rec.ChunkRef]) -> None:
@@ -275,11 +274,14 @@ class Engine:
                 txn.put(schema.CHUNKS, ref.sha256, chunk.SerializeToString())
         return released
 
-    def _remove_record(self, txn: IndexWriter, namespace: str, okey: bytes, record: rec.ObjectRecord) -> list[bytes]:
+    def _remove_record(
+        self, txn: IndexWriter, namespace: str, okey: bytes, record: rec.ObjectRecord, *, account: bool = True
+    ) -> list[bytes]:
         txn.delete(schema.OBJECTS, okey)
         if record.expire_time_ns:
             txn.delete(schema.EXPIRY, schema.expiry_key(record.expire_time_ns, okey))
-        self._add_usage(txn, namespace, size=-record.size, objects=-1)
+        if account:
+            self._add_usage(txn, namespace, size=-record.size, objects=-1)
         return self._decref(txn, record.chunks)
 
     def _commit_op(
@@ -319,8 +321,11 @@ class Engine:
             self._incref(txn, record.chunks)
             released: list[bytes] = []
             if stored is not None:
-                released = self._remove_record(txn, namespace, okey, stored)
-            self._add_usage(txn, namespace, size=record.size, objects=1)
+                released = self._remove_record(txn, namespace, okey, stored, account=False)
+            # One net charge, so that replacing an object by one no larger is never refused.
+            self._add_usage(
+                txn, namespace, size=record.size - (stored.size if stored else 0), objects=0 if stored else 1
+            )
             txn.put(schema.OBJECTS, okey, record.SerializeToString())
             return record, released
 
@@ -369,7 +374,21 @@ class Engine:
 
     def new_upload(self, caller: Caller, spec: UploadSpec) -> UploadWriter:
         self._validate_write(caller, spec)
+        if spec.declared_size is not None:
+            self._check_room(caller.namespace, spec, spec.declared_size)
         return UploadWriter(self, caller, spec)
+
+    def _check_room(self, namespace: str, spec: UploadSpec, size: int) -> None:
+        """Refuses early a write of `size` bytes to spec.key that its commit would refuse."""
+        with self.index.reader() as r:
+            current = self._read_record(r, schema.object_key(namespace, spec.storage_type, spec.key))
+            quotas.check_room(
+                r,
+                namespace,
+                self.config.quotas,
+                size=size - (current.size if current else 0),
+                objects=0 if current else 1,
+            )
 
     async def delete(
         self, caller: Caller, storage_type: StorageType, key: str, *, if_generation_match: int | None = None
@@ -659,8 +678,12 @@ class Engine:
 
     def usage(self, namespace: str) -> rec.UsageRecord:
         with self.index.reader() as r:
-            raw = r.get(schema.USAGE, namespace.encode())
-        return rec.UsageRecord.FromString(raw) if raw else rec.UsageRecord()
+            return quotas.read_usage(r, namespace)
+
+    def quota_status(self, namespace: str) -> quotas.QuotaStatus:
+        """A namespace's limits and usage, from one snapshot."""
+        with self.index.reader() as r:
+            return quotas.read_status(r, namespace, self.config.quotas)
 
     def store_stats(self) -> StoreStats:
         """Totals over every namespace, and what the chunk store holds (one pass over the chunk table)."""
@@ -743,6 +766,7 @@ class UploadWriter:
             self._buffer += view
 
     async def _store(self, chunk: bytes) -> None:
+        self.engine._check_room(self.caller.namespace, self.spec, self.size)
         loop = asyncio.get_running_loop()
         previous = self._hash_tail
         self._hash_tail = asyncio.ensure_future(self._feed_sha(previous, chunk))

@@ -81,6 +81,14 @@ class DiskFull(ResourceExhausted):
     reason = "DISK_FULL"
 
 
+class QuotaExceeded(ResourceExhausted):
+    reason = "QUOTA_EXCEEDED"
+
+
+class RateLimited(ResourceExhausted):
+    reason = "RATE_LIMITED"
+
+
 class Aborted(BlobstoreError):
     reason = "ABORTED"
 

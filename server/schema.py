@@ -10,6 +10,8 @@ protos/blobstore/internal/records.proto unless noted.
   uploads   upload id (ascii)                          -> UploadSessionRecord
   expiry    expire time ns (8 bytes BE) + objects key  -> b"" (tmp reaper)
   usage     namespace                                  -> UsageRecord
+  tokens    sha256 of the bearer token (32 bytes)      -> TokenRecord
+  quotas    namespace                                  -> QuotaRecord (overrides of the defaults)
   meta      name                                       -> raw bytes (counters, versions)
 """
 
@@ -26,8 +28,10 @@ UPLOADS = "uploads"
 EXPIRY = "expiry"
 USAGE = "usage"
 META = "meta"
+TOKENS = "tokens"
+QUOTAS = "quotas"
 
-ALL_TABLES = (OBJECTS, CHUNKS, UPLOADS, EXPIRY, USAGE, META)
+ALL_TABLES = (OBJECTS, CHUNKS, UPLOADS, EXPIRY, USAGE, META, TOKENS, QUOTAS)
 
 META_GENERATION = b"generation"
 META_SCHEMA_VERSION = b"schema_version"

@@ -215,16 +215,18 @@ class StorageServicer(pb_grpc.StorageServicer):
 
     async def GetLimits(self, request: pb.GetLimitsRequest, context: Context) -> pb.GetLimitsResponse:
         caller = self._caller(context)
-        usage = self.engine.usage(caller.namespace)
+        quota = self.engine.quota_status(caller.namespace)
+        limits, usage = quota.limits, quota.usage
         config = self.engine.config
         return pb.GetLimitsResponse(
             namespace=caller.namespace,
             max_unary_value_bytes=config.max_unary_value,
             max_message_bytes=self._max_message_bytes,
             chunk_size_bytes=config.chunk_size,
-            bytes=pb.Quota(used=usage.bytes),
-            objects=pb.Quota(used=usage.objects),
-            open_uploads=pb.Quota(used=usage.open_uploads),
+            bytes=pb.Quota(limit=limits.max_bytes, used=usage.bytes),
+            objects=pb.Quota(limit=limits.max_objects, used=usage.objects),
+            open_uploads=pb.Quota(limit=limits.max_open_uploads, used=usage.open_uploads),
+            requests_per_second=limits.requests_per_second,
             max_batch_entries=config.max_batch_entries,
         )
 

@@ -31,6 +31,8 @@ HTTP_STATUS: dict[type[errors.BlobstoreError], int] = {
     errors.Unauthenticated: 401,
     errors.ResourceExhausted: 429,
     errors.DiskFull: 507,
+    # No room for the body, as with a full disk: retrying helps only once something is deleted.
+    errors.QuotaExceeded: 507,
     errors.Aborted: 409,
     errors.DataLoss: 500,
     errors.Unavailable: 503,

@@ -86,17 +86,26 @@ class RunningServer:
         return Storage(self.address, **kwargs)
 
 
-def start_server(data_dir: Path, *, engine: Engine | None = None, **overrides: Any) -> RunningServer:
-    """A server on free ports; pass `engine` to give it, say, a FakeClock."""
+def start_server(
+    data_dir: Path, *, engine: Engine | None = None, clock: Callable[[], int] | None = None, **overrides: Any
+) -> RunningServer:
+    """A server on free ports; pass `engine`, or just a `clock` (say a FakeClock) for the engine it opens."""
     loop = LoopThread()
     config = ServerConfig(data_dir=str(data_dir), port=0, **overrides)
 
     async def build() -> BlobstoreServer:
-        server = BlobstoreServer(config, engine)
+        given = engine
+        if given is None and clock is not None:
+            given = open_engine(str(data_dir), config.engine, clock=clock)
+        server = BlobstoreServer(config, given)
         await server.start()
         return server
 
-    return RunningServer(loop.call(build()), loop, data_dir)
+    try:
+        return RunningServer(loop.call(build()), loop, data_dir)
+    except BaseException:
+        loop.close()
+        raise
 
 
 def stop_server(running: RunningServer, grace: float = 1.0) -> None:

@@ -265,3 +265,94 @@ class UsageRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
+
+@_typing.final
+class TokenRecord(_message.Message):
+    """A bearer token, stored under the SHA-256 of the token (the token itself is
+    never stored).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_NS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_NS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    create_time_ns: _builtins.int
+    expire_time_ns: _builtins.int
+    """0: never expires."""
+    description: _builtins.str
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Role names: "user", "catalog", "admin"."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        create_time_ns: _builtins.int = ...,
+        expire_time_ns: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_ns", b"create_time_ns", "description", b"description", "expire_time_ns", b"expire_time_ns", "namespace", b"namespace", "roles", b"roles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenRecord: _TypeAlias = TokenRecord  # noqa: Y015
+
+@_typing.final
+class QuotaRecord(_message.Message):
+    """Quota overrides of one namespace; an unset field keeps the server's default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_OBJECTS_FIELD_NUMBER: _builtins.int
+    MAX_OPEN_UPLOADS_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    max_bytes: _builtins.int
+    max_objects: _builtins.int
+    max_open_uploads: _builtins.int
+    requests_per_second: _builtins.float
+    burst: _builtins.int
+    def __init__(
+        self,
+        *,
+        max_bytes: _builtins.int | None = ...,
+        max_objects: _builtins.int | None = ...,
+        max_open_uploads: _builtins.int | None = ...,
+        requests_per_second: _builtins.float | None = ...,
+        burst: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_burst", b"_burst", "_max_bytes", b"_max_bytes", "_max_objects", b"_max_objects", "_max_open_uploads", b"_max_open_uploads", "_requests_per_second", b"_requests_per_second", "burst", b"burst", "max_bytes", b"max_bytes", "max_objects", b"max_objects", "max_open_uploads", b"max_open_uploads", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_burst", b"_burst", "_max_bytes", b"_max_bytes", "_max_objects", b"_max_objects", "_max_open_uploads", b"_max_open_uploads", "_requests_per_second", b"_requests_per_second", "burst", b"burst", "max_bytes", b"max_bytes", "max_objects", b"max_objects", "max_open_uploads", b"max_open_uploads", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__burst: _TypeAlias = _typing.Literal["burst"]  # noqa: Y015
+    _WhichOneofArgType__burst: _TypeAlias = _typing.Literal["_burst", b"_burst"]  # noqa: Y015
+    _WhichOneofReturnType__max_bytes: _TypeAlias = _typing.Literal["max_bytes"]  # noqa: Y015
+    _WhichOneofArgType__max_bytes: _TypeAlias = _typing.Literal["_max_bytes", b"_max_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__max_objects: _TypeAlias = _typing.Literal["max_objects"]  # noqa: Y015
+    _WhichOneofArgType__max_objects: _TypeAlias = _typing.Literal["_max_objects", b"_max_objects"]  # noqa: Y015
+    _WhichOneofReturnType__max_open_uploads: _TypeAlias = _typing.Literal["max_open_uploads"]  # noqa: Y015
+    _WhichOneofArgType__max_open_uploads: _TypeAlias = _typing.Literal["_max_open_uploads", b"_max_open_uploads"]  # noqa: Y015
+    _WhichOneofReturnType__requests_per_second: _TypeAlias = _typing.Literal["requests_per_second"]  # noqa: Y015
+    _WhichOneofArgType__requests_per_second: _TypeAlias = _typing.Literal["_requests_per_second", b"_requests_per_second"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__burst) -> _WhichOneofReturnType__burst | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_bytes) -> _WhichOneofReturnType__max_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_objects) -> _WhichOneofReturnType__max_objects | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_open_uploads) -> _WhichOneofReturnType__max_open_uploads | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requests_per_second) -> _WhichOneofReturnType__requests_per_second | None: ...
+
+Global___QuotaRecord: _TypeAlias = QuotaRecord  # noqa: Y015
