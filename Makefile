@@ -51,8 +51,11 @@ proto-check: proto
 	@git diff --exit-code --stat -- protos/ || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- protos/)" || { git status --short -- protos/; echo "untracked generated files: run 'make proto' and commit"; exit 1; }
 
+# The whole suite on the embedded pair, then the integration suite again on the shared pair
+# (S3 chunks on Ceph's RADOS Gateway + a PostgreSQL index, both installed and started by the tests).
 pytest: $(STAMP)
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q tests/integration --backend=s3pg
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

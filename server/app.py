@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from blobstore.server.auth import Authenticator, TokenStore, check_exposure, is_loopback
+from blobstore.server.backends import BackendConfig
 from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.health import HealthServicer
 from blobstore.server.http import AccessLogger, create_http_app
@@ -62,6 +63,8 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Where chunks and the index live: file + lmdb under data_dir unless told otherwise.
+    backends: BackendConfig = field(default_factory=BackendConfig)
 
     @property
     def tls(self) -> TlsFiles | None:
@@ -78,7 +81,7 @@ class BlobstoreServer:
 
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
-        self.engine = engine or open_engine(config.data_dir, config.engine)
+        self.engine = engine or open_engine(config.data_dir, config.engine, backends=config.backends)
         secrets = config.url_signing_secrets or tuple(load_secrets(config.data_dir))
         self.signer = UrlSigner(secrets, clock=self.engine.clock)
         self.tokens = TokenStore(self.engine.index, clock=self.engine.clock)

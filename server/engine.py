@@ -117,6 +117,9 @@ class Engine:
         self.index.close()
         if self._own_executor:
             self.executor.shutdown(wait=True)
+        close_chunks = getattr(self.chunks, "close", None)
+        if close_chunks is not None:
+            close_chunks()
 
     def startup_sweep(self) -> dict[str, int]:
         """Removes what a crash can leave behind: temp files and chunk files no record references.
@@ -238,6 +241,10 @@ class Engine:
 
     @staticmethod
     def _next_generation(txn: IndexWriter) -> int:
+        # A shared index may hand out generations from a sequence instead of one hot counter row.
+        next_generation = getattr(txn, "next_generation", None)
+        if next_generation is not None:
+            return int(next_generation())
         raw = txn.get(schema.META, schema.META_GENERATION)
         generation = (schema.unpack_u64(raw) if raw else 0) + 1
         txn.put(schema.META, schema.META_GENERATION, schema.pack_u64(generation))
@@ -991,11 +998,8 @@ def new_upload_id() -> str:
 
 
 def open_engine(data_dir: str, config: EngineConfig | None = None, **kwargs: Any) -> Engine:
-    """The embedded default: LMDB index and file chunk store under one data folder."""
-    from blobstore.server.chunkstore import FileChunkStore
-    from blobstore.server.index import LmdbIndex
+    """An engine on the backends chosen by `backends=` (server/backends.py); by default the
+    embedded pair: LMDB index and file chunk store under one data folder."""
+    from blobstore.server.backends import open_backend_engine
 
-    os.makedirs(data_dir, exist_ok=True)
-    index = LmdbIndex(os.path.join(data_dir, "index"))
-    chunks = FileChunkStore(os.path.join(data_dir, "store"))
-    return Engine(index, chunks, config, **kwargs)
+    return open_backend_engine(data_dir, config, **kwargs)
