@@ -183,6 +183,7 @@ class BlobstoreServer:
             try:
                 while await self.engine.reap_expired() > 0:
                     pass
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.sweep_leases)
             except Exception:
                 log.exception("reaping expired objects failed; will try again")
 

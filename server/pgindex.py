@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 _SCAN_BATCH = 500
+_PUT_BATCH = 1000  # rows per INSERT: far below PostgreSQL's 65535 parameters
 # Serialization failures and deadlocks: the transaction did nothing and may run again.
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 
@@ -91,13 +92,25 @@ class _Txn:
 
     def flush(self) -> None:
         if self._pending:
-            rows = [(table, key, value) for (table, key), value in self._pending.items()]
+            rows = list(self._pending.items())
             self._pending.clear()
-            with self._conn.cursor() as cursor:
-                cursor.executemany(self._q.put, rows)
+            for start in range(0, len(rows), _PUT_BATCH):
+                batch = rows[start : start + _PUT_BATCH]
+                params = [item for (table, key), value in batch for item in (table, key, value)]
+                self._conn.execute(self._q.put_many(len(batch)), params)
 
 
 class _Queries:
+    def put_many(self, rows: int) -> bytes:
+        """One INSERT for all of a transaction's writes: one round trip at commit."""
+        query = self._put_many.get(rows)
+        if query is None:
+            values = b", ".join([b"(%s, %s, %s)"] * rows)
+            query = self._put_head + values + b" ON CONFLICT (tbl, k) DO UPDATE SET v = excluded.v"
+            if rows <= 64:
+                self._put_many[rows] = query
+        return query
+
     def __init__(self, schema: str) -> None:
         kv = sql.Identifier(schema, "kv")
         sequence = sql.Identifier(schema, "generation")
@@ -110,9 +123,8 @@ class _Queries:
         self.scan_after = q("SELECT k, v FROM {kv} WHERE tbl = %s AND k > %s ORDER BY k LIMIT %s")
         self.scan_from_to = q("SELECT k, v FROM {kv} WHERE tbl = %s AND k >= %s AND k < %s ORDER BY k LIMIT %s")
         self.scan_after_to = q("SELECT k, v FROM {kv} WHERE tbl = %s AND k > %s AND k < %s ORDER BY k LIMIT %s")
-        self.put = q(
-            "INSERT INTO {kv} (tbl, k, v) VALUES (%s, %s, %s) ON CONFLICT (tbl, k) DO UPDATE SET v = excluded.v"
-        )
+        self._put_head = q("INSERT INTO {kv} (tbl, k, v) VALUES ")
+        self._put_many: dict[int, bytes] = {}
         self.delete = q("DELETE FROM {kv} WHERE tbl = %s AND k = %s")
         self.next_generation = q("SELECT nextval('{seq}')")
         self.migrations = [
