@@ -50,10 +50,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shared_store: needs the s3pg backend pair (runs in the --backend=s3pg pass)")
+    config.addinivalue_line("markers", "file_store: reads or damages chunk files on local disk (file-lmdb pass only)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--backend") == "s3pg":
+        local = pytest.mark.skip(reason="works on chunk files on local disk: runs in the file-lmdb pass")
+        for item in items:
+            if "file_store" in item.keywords:
+                item.add_marker(local)
         return
     skip = pytest.mark.skip(reason="needs the shared backends: runs in the --backend=s3pg pass of `make test`")
     for item in items:
