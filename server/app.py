@@ -81,6 +81,11 @@ class BlobstoreServer:
 
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
+        if config.backends.index != "lmdb" and not config.url_signing_secrets:
+            raise ValueError(
+                "replicas sharing an index must share the URL signing secrets: set url_signing_secrets "
+                "(BLOBSTORE_URL_SIGNING_SECRETS), or a URL made by one replica fails on the others"
+            )
         self.engine = engine or open_engine(config.data_dir, config.engine, backends=config.backends)
         secrets = config.url_signing_secrets or tuple(load_secrets(config.data_dir))
         self.signer = UrlSigner(secrets, clock=self.engine.clock)

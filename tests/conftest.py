@@ -21,6 +21,7 @@ from blobstore.server.engine import Engine, EngineConfig, open_engine
 from tests.infra import services
 
 BACKENDS = ("file-lmdb", "s3pg")
+SHARED_SIGNING_SECRET = b"replicas-of-one-test-store-share-this-secret"
 
 T = TypeVar("T")
 
@@ -216,6 +217,7 @@ def start_server(
     shared = _test_backends.get()
     if shared is not None:
         overrides.setdefault("backends", shared)
+        overrides.setdefault("url_signing_secrets", (SHARED_SIGNING_SECRET,))
     config = ServerConfig(data_dir=str(data_dir), port=0, **overrides)
 
     async def build() -> BlobstoreServer:

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import requests
 
 from blobstore.client import PreconditionError, Storage
 from blobstore.server import schema
@@ -196,6 +197,25 @@ def test_a_replica_that_died_leaves_leases_that_expire_and_free_its_chunks(
     assert survivor.sweep_leases() == {"candidates": 1, "deleted": 1}
     assert not survivor.chunks.exists(digest)
     dead._leases._pins.clear()  # type: ignore[union-attr]
+
+
+def test_a_signed_url_made_by_one_replica_works_on_the_others(
+    replicas: list[RunningServer], clients: list[Storage]
+) -> None:
+    value = _value(3, 300_000)
+    upload_url = clients[0].get_upload_url("signed")
+    download_url = clients[0].get_signed_url("signed")
+    first, second, third = (r.server.ports["http"] for r in replicas)
+
+    def on(url: str, port: int) -> str:
+        return url.replace(f":{first}/", f":{port}/", 1)
+
+    put = requests.put(on(upload_url, second), data=value, timeout=60)
+    assert put.status_code in (200, 201), put.text
+    got = requests.get(on(download_url, third), timeout=60)
+    assert got.status_code == 200 and got.content == value
+    forged = requests.get(on(download_url.replace("sig=", "sig=0"), third), timeout=60)
+    assert forged.status_code in (401, 403)
 
 
 def _supports_resumable_uploads(address: str) -> bool:
