@@ -11,7 +11,7 @@ but scratch. The libraries of the shared backends load only when chosen.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blobstore.server.chunkstore import ChunkStore
@@ -67,6 +67,9 @@ class PostgresConfig:
 
 
 CHUNK_STORES = ("file", "s3")
+REMOTE_PIPELINE_DEPTH = 6
+REMOTE_READAHEAD = 6
+REMOTE_IO_THREADS = 32
 INDEXES = ("lmdb", "postgres")
 
 
@@ -119,6 +122,16 @@ def open_backend_engine(
 ) -> Engine:
     """An engine on the configured pair of backends (file + lmdb under data_dir by default)."""
     backends = backends or BackendConfig()
+    config = config or EngineConfig()
+    if backends.chunk_store == "s3":
+        # Each chunk is a request with a round trip of latency: keep more of them in flight.
+        config = replace(
+            config,
+            upload_pipeline_depth=max(config.upload_pipeline_depth, REMOTE_PIPELINE_DEPTH),
+            download_readahead=max(config.download_readahead, REMOTE_READAHEAD),
+            io_threads=max(config.io_threads, REMOTE_IO_THREADS),
+        )
+        backends.s3.max_connections = max(backends.s3.max_connections, config.io_threads + 8)
     os.makedirs(data_dir, exist_ok=True)
     index = open_index(data_dir, backends)
     try:

@@ -70,6 +70,8 @@ class EngineConfig:
     upload_pipeline_depth: int = 3
     # Chunks of one download read ahead.
     download_readahead: int = 2
+    # Worker threads for chunk I/O and hashing (a remote chunk store wants more: see backends.py).
+    io_threads: int = 8
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     # Shared stores only: how long a chunk lease of a replica that died keeps its chunk.
     chunk_lease_ttl_ns: int = NS_PER_DAY
@@ -111,7 +113,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.clock = clock
         self._own_executor = executor is None
-        self.executor: Executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="blobstore-io")
+        self.executor: Executor = executor or ThreadPoolExecutor(
+            max_workers=self.config.io_threads, thread_name_prefix="blobstore-io"
+        )
         self._pins: Counter[bytes] = Counter()
         self._pin_lock = threading.Lock()
         # Several replicas on one index: pins must be visible to the others' collectors.
