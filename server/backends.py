@@ -67,8 +67,11 @@ class PostgresConfig:
 
 
 CHUNK_STORES = ("file", "s3")
-REMOTE_PIPELINE_DEPTH = 6
-REMOTE_READAHEAD = 6
+# Fewer, larger objects: the gateway's cost is per request as much as per byte. 4 MiB is the
+# largest chunk that still fits one gRPC message of a download.
+REMOTE_CHUNK_SIZE = 4 << 20
+REMOTE_PIPELINE_DEPTH = 4
+REMOTE_READAHEAD = 4
 REMOTE_IO_THREADS = 32
 INDEXES = ("lmdb", "postgres")
 
@@ -127,6 +130,7 @@ def open_backend_engine(
         # Each chunk is a request with a round trip of latency: keep more of them in flight.
         config = replace(
             config,
+            chunk_size=max(config.chunk_size, REMOTE_CHUNK_SIZE),
             upload_pipeline_depth=max(config.upload_pipeline_depth, REMOTE_PIPELINE_DEPTH),
             download_readahead=max(config.download_readahead, REMOTE_READAHEAD),
             io_threads=max(config.io_threads, REMOTE_IO_THREADS),
