@@ -81,7 +81,7 @@ def _shared_pair(ceph: CephRgw, pg: Postgres) -> dict[str, str]:
         "BLOBSTORE_S3_ACCESS_KEY": ceph.access_key,
         "BLOBSTORE_S3_SECRET_KEY": ceph.secret_key,
         "BLOBSTORE_POSTGRES_DSN": pg.dsn,
-        "BLOBSTORE_URL_SIGNING_SECRETS": "bench-secret-shared-by-replicas",
+        "BLOBSTORE_URL_SIGNING_SECRETS": '["bench-secret-shared-by-replicas"]',
     }
 
 

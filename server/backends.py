@@ -12,84 +12,62 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from blobstore.server.chunkstore import ChunkStore
 from blobstore.server.engine import Engine, EngineConfig
 from blobstore.server.index import Index
 
+ChunkStoreKind = Literal["file", "s3"]
+IndexKind = Literal["lmdb", "postgres"]
+CHUNK_STORES: tuple[ChunkStoreKind, ...] = ("file", "s3")
+INDEXES: tuple[IndexKind, ...] = ("lmdb", "postgres")
 
-@dataclass
-class S3Config:
-    """Where the chunks live; empty fields fall back to the environment, then to boto3's own defaults."""
-
-    endpoint: str = ""  # BLOBSTORE_S3_ENDPOINT; empty: AWS
-    bucket: str = ""  # BLOBSTORE_S3_BUCKET
-    prefix: str = ""  # BLOBSTORE_S3_PREFIX: lets several stores share one bucket
-    region: str = ""  # BLOBSTORE_S3_REGION, else AWS_REGION / boto3's default
-    access_key: str = ""  # BLOBSTORE_S3_ACCESS_KEY, else AWS_ACCESS_KEY_ID / boto3's chain
-    secret_key: str = ""  # BLOBSTORE_S3_SECRET_KEY, else AWS_SECRET_ACCESS_KEY / boto3's chain
-    create_bucket: bool = True
-    # Ceph and MinIO want path-style addressing; AWS takes either.
-    addressing_style: str = "path"
-    # Sized for the engine's worker threads (every chunk transfer holds one connection).
-    max_connections: int = 64
-
-    def with_environment(self) -> S3Config:
-        env = os.environ.get
-        return S3Config(
-            endpoint=self.endpoint or env("BLOBSTORE_S3_ENDPOINT", ""),
-            bucket=self.bucket or env("BLOBSTORE_S3_BUCKET", ""),
-            prefix=self.prefix or env("BLOBSTORE_S3_PREFIX", ""),
-            region=self.region or env("BLOBSTORE_S3_REGION", ""),
-            access_key=self.access_key or env("BLOBSTORE_S3_ACCESS_KEY", ""),
-            secret_key=self.secret_key or env("BLOBSTORE_S3_SECRET_KEY", ""),
-            create_bucket=self.create_bucket,
-            addressing_style=self.addressing_style,
-            max_connections=self.max_connections,
-        )
-
-
-@dataclass
-class PostgresConfig:
-    dsn: str = ""  # BLOBSTORE_POSTGRES_DSN, e.g. "host=db port=5432 user=blobstore dbname=blobstore"
-    schema: str = ""  # BLOBSTORE_POSTGRES_SCHEMA, default "blobstore": several stores can share one database
-    pool_size: int = 16
-    max_retries: int = 50
-
-    def with_environment(self) -> PostgresConfig:
-        return PostgresConfig(
-            dsn=self.dsn or os.environ.get("BLOBSTORE_POSTGRES_DSN", ""),
-            schema=self.schema or os.environ.get("BLOBSTORE_POSTGRES_SCHEMA", "") or "blobstore",
-            pool_size=self.pool_size,
-            max_retries=self.max_retries,
-        )
-
-
-CHUNK_STORES = ("file", "s3")
 # Fewer, larger objects: the gateway's cost is per request as much as per byte. 4 MiB is the
 # largest chunk that still fits one gRPC message of a download.
 REMOTE_CHUNK_SIZE = 4 << 20
 REMOTE_PIPELINE_DEPTH = 4
 REMOTE_READAHEAD = 4
 REMOTE_IO_THREADS = 32
-INDEXES = ("lmdb", "postgres")
+
+
+@dataclass
+class S3Config:
+    """Where the chunks live (settings `s3.*`, BLOBSTORE_S3_* in the environment)."""
+
+    endpoint: str = ""  # empty: AWS
+    bucket: str = ""
+    prefix: str = ""  # lets several stores share one bucket
+    region: str = ""  # empty: boto3's default (AWS_REGION, ...)
+    access_key: str = ""  # empty: boto3's credential chain (AWS_ACCESS_KEY_ID, an instance role, ...)
+    secret_key: str = ""
+    create_bucket: bool = True
+    # Ceph and MinIO want path-style addressing; AWS takes either.
+    addressing_style: str = "path"
+    # Sized above the engine's I/O threads (every chunk transfer holds one connection).
+    max_connections: int = 64
+
+
+@dataclass
+class PostgresConfig:
+    """Where the index lives (settings `postgres.*`, BLOBSTORE_POSTGRES_* in the environment)."""
+
+    dsn: str = ""  # "host=db port=5432 user=blobstore dbname=blobstore" or a postgresql:// URL
+    schema: str = "blobstore"  # several stores can share one database
+    pool_size: int = 16
+    max_retries: int = 50
 
 
 @dataclass
 class BackendConfig:
-    chunk_store: str = "file"
-    index: str = "lmdb"
+    chunk_store: ChunkStoreKind = "file"
+    index: IndexKind = "lmdb"
     s3: S3Config = field(default_factory=S3Config)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
 
-    @classmethod
-    def from_environment(cls) -> BackendConfig:
-        """BLOBSTORE_CHUNK_STORE and BLOBSTORE_INDEX, plus each backend's own variables."""
-        return cls(
-            chunk_store=os.environ.get("BLOBSTORE_CHUNK_STORE", "file"),
-            index=os.environ.get("BLOBSTORE_INDEX", "lmdb"),
-        )
+    def server_settings(self) -> dict[str, Any]:
+        """The same choice as ServerConfig fields: ServerConfig(**backends.server_settings())."""
+        return {"chunk_store": self.chunk_store, "index": self.index, "s3": self.s3, "postgres": self.postgres}
 
     def validate(self) -> None:
         if self.chunk_store not in CHUNK_STORES:

@@ -145,9 +145,8 @@ class PostgresIndex:
     shared = True  # several processes may use one store at once
 
     def __init__(self, config: PostgresConfig) -> None:
-        config = config.with_environment()
         if not config.dsn:
-            raise ValueError("the postgres index needs a DSN (postgres_dsn or BLOBSTORE_POSTGRES_DSN)")
+            raise ValueError("the postgres index needs a DSN (setting postgres.dsn, BLOBSTORE_POSTGRES_DSN)")
         if not _SCHEMA_NAME.match(config.schema):
             raise ValueError(f"postgres schema name {config.schema!r} must be a lower-case SQL identifier")
         self.config = config

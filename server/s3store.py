@@ -40,9 +40,8 @@ def _unavailable(exc: Exception) -> errors.Unavailable:
 
 class S3ChunkStore:
     def __init__(self, config: S3Config) -> None:
-        config = config.with_environment()
         if not config.bucket:
-            raise ValueError("the s3 chunk store needs a bucket (s3_bucket or BLOBSTORE_S3_BUCKET)")
+            raise ValueError("the s3 chunk store needs a bucket (setting s3.bucket, BLOBSTORE_S3_BUCKET)")
         self.config = config
         self.bucket = config.bucket
         self._prefix = config.prefix.strip("/") + "/chunks/" if config.prefix.strip("/") else "chunks/"

@@ -216,7 +216,8 @@ def start_server(
     loop = LoopThread()
     shared = _test_backends.get()
     if shared is not None:
-        overrides.setdefault("backends", shared)
+        for name, value in shared.server_settings().items():
+            overrides.setdefault(name, value)
         overrides.setdefault("url_signing_secrets", (SHARED_SIGNING_SECRET,))
     config = ServerConfig(data_dir=str(data_dir), port=0, **overrides)
 

@@ -319,9 +319,10 @@ def main() -> None:
     try:
         ceph = CephRgw().start()
         try:
-            print(f"BLOBSTORE_POSTGRES_DSN='{pg.dsn}'")
-            print(f"BLOBSTORE_S3_ENDPOINT={ceph.endpoint}")
-            print(f"AWS_ACCESS_KEY_ID={ceph.access_key} AWS_SECRET_ACCESS_KEY={ceph.secret_key}", flush=True)
+            print("export BLOBSTORE_CHUNK_STORE=s3 BLOBSTORE_INDEX=postgres BLOBSTORE_S3_BUCKET=blobstore")
+            print(f"export BLOBSTORE_POSTGRES_DSN='{pg.dsn}' BLOBSTORE_S3_ENDPOINT={ceph.endpoint}")
+            print(f"export BLOBSTORE_S3_ACCESS_KEY={ceph.access_key} BLOBSTORE_S3_SECRET_KEY={ceph.secret_key}")
+            print("export BLOBSTORE_URL_SIGNING_SECRETS='[\"a secret the replicas share\"]'", flush=True)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         finally:

@@ -35,7 +35,7 @@ def replicas(tmp_path: Path, backends: BackendConfig) -> Iterator[list[RunningSe
     started: list[RunningServer] = []
     try:
         for i in range(3):
-            started.append(start_server(tmp_path / f"replica{i}", backends=backends))
+            started.append(start_server(tmp_path / f"replica{i}", **backends.server_settings()))
         yield started
     finally:
         for running in started:
