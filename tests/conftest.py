@@ -51,12 +51,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shared_store: needs the s3pg backend pair (runs in the --backend=s3pg pass)")
-    config.addinivalue_line("markers", "file_store: reads or damages chunk files on local disk (file-lmdb pass only)")
+    config.addinivalue_line(
+        "markers",
+        "file_store: works on the data dir's own files: chunk files, the LMDB index the token "
+        "commands open, the URL signing key file (file-lmdb pass only)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--backend") == "s3pg":
-        local = pytest.mark.skip(reason="works on chunk files on local disk: runs in the file-lmdb pass")
+        local = pytest.mark.skip(reason="works on the data dir's own files: runs in the file-lmdb pass")
         for item in items:
             if "file_store" in item.keywords:
                 item.add_marker(local)

@@ -411,6 +411,7 @@ def test_a_corrupt_chunk_is_never_served(server: RunningServer, storage: Storage
 # ---------------------------------------------------------------------- secrets and the command line
 
 
+@pytest.mark.file_store
 def test_the_secret_survives_restarts_and_rotation_keeps_old_urls_working(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     running = start_server(data_dir)
