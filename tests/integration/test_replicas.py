@@ -14,8 +14,10 @@ from typing import Any
 import grpc
 import pytest
 import requests
+from click.testing import CliRunner
 
-from blobstore.client import PreconditionError, Storage
+from blobstore.client import PreconditionError, Storage, cli
+from blobstore.client.errors import AuthenticationError
 from blobstore.server import schema
 from blobstore.server.backends import BackendConfig
 from blobstore.server.model import ANONYMOUS
@@ -216,6 +218,30 @@ def test_a_signed_url_made_by_one_replica_works_on_the_others(
     assert got.status_code == 200 and got.content == value
     forged = requests.get(on(download_url.replace("sig=", "sig=0"), third), timeout=60)
     assert forged.status_code in (401, 403)
+
+
+def test_a_token_made_with_the_cli_works_on_every_replica(
+    tmp_path: Path, backends: BackendConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in (
+        ("BLOBSTORE_INDEX", "postgres"),
+        ("BLOBSTORE_POSTGRES_DSN", backends.postgres.dsn),
+        ("BLOBSTORE_POSTGRES_SCHEMA", backends.postgres.schema),
+    ):
+        monkeypatch.setenv(name, value)
+    made = CliRunner().invoke(cli.main, ["token", "create", "--data-dir", str(tmp_path / "cli"), "--namespace", "team"])
+    assert made.exit_code == 0, made.output
+    token = made.stdout.splitlines()[0]
+    replicas = [start_server(tmp_path / f"r{i}", **backends.server_settings()) for i in range(2)]
+    try:
+        with Storage(replicas[0].address, token) as first, Storage(replicas[1].address, token) as second:
+            first.set("mine", b"team data")
+            assert second.get("mine") == b"team data"
+        with Storage(replicas[1].address) as anonymous, pytest.raises(AuthenticationError):
+            anonymous.get("mine")  # the store has tokens now: every replica asks for one
+    finally:
+        for running in replicas:
+            stop_server(running)
 
 
 def _supports_resumable_uploads(address: str) -> bool:
