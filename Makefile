@@ -9,7 +9,7 @@ PROTOS := protos/blobstore/v1/storage.proto protos/blobstore/internal/records.pr
 DATA_DIR ?= ./data
 PORT ?= 50051
 
-.PHONY: install serve test lint typecheck proto proto-check pytest bench soak clean
+.PHONY: install serve test lint typecheck proto proto-check pytest bench bench-s3pg soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# blobstore on S3 (Ceph RGW) + PostgreSQL against boto3 straight to the same gateway.
+bench-s3pg: $(STAMP)
+	$(BIN)/python -m bench.s3pg
 
 soak: $(STAMP)
 	$(BIN)/pytest -q tests/crash --soak
