@@ -9,7 +9,7 @@ PROTOS := protos/blobstore/v1/storage.proto protos/blobstore/internal/records.pr
 DATA_DIR ?= ./data
 PORT ?= 50051
 
-.PHONY: install serve test lint typecheck proto proto-check pytest bench soak clean
+.PHONY: install serve test lint typecheck proto proto-check pytest bench bench-s3pg soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,11 +51,18 @@ proto-check: proto
 	@git diff --exit-code --stat -- protos/ || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- protos/)" || { git status --short -- protos/; echo "untracked generated files: run 'make proto' and commit"; exit 1; }
 
+# The whole suite on the embedded pair, then the integration suite again on the shared pair
+# (S3 chunks on Ceph's RADOS Gateway + a PostgreSQL index, both installed and started by the tests).
 pytest: $(STAMP)
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q tests/integration --backend=s3pg
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# blobstore on S3 (Ceph RGW) + PostgreSQL against boto3 straight to the same gateway.
+bench-s3pg: $(STAMP)
+	$(BIN)/python -m bench.s3pg
 
 soak: $(STAMP)
 	$(BIN)/pytest -q tests/crash --soak

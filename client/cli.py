@@ -28,7 +28,7 @@ from blobstore.client import errors
 from blobstore.client.storage import DEFAULT_ADDRESS, STORAGE_TYPES, ObjectInfo, Progress, Storage
 
 if TYPE_CHECKING:
-    from blobstore.server.index import LmdbIndex
+    from blobstore.server.index import Index
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -393,10 +393,18 @@ def tenant_settings(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _index(data_dir: str) -> Iterator[LmdbIndex]:
-    from blobstore.server.index import LmdbIndex
+def _index(data_dir: str) -> Iterator[Index]:
+    """The index the servers use: the data dir's LMDB, or the shared database when the
+    settings (BLOBSTORE_INDEX=postgres, BLOBSTORE_POSTGRES_DSN, ...) say so."""
+    from blobstore.server.app import ServerConfig
+    from blobstore.server.backends import open_index
+    from blobstore.server.config import ConfigError, load_config
 
-    index = LmdbIndex(os.path.join(data_dir, "index"))
+    try:
+        config = load_config(ServerConfig, env=os.environ)
+    except ConfigError as exc:
+        _fail(click.get_current_context(), f"configuration: {exc}", EXIT_CONFIG)
+    index = open_index(data_dir, config.backends)
     try:
         yield index
     finally:

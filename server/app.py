@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from blobstore.server.auth import Authenticator, TokenStore, check_exposure, is_loopback
+from blobstore.server.backends import BackendConfig, ChunkStoreKind, IndexKind, PostgresConfig, S3Config
 from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.health import HealthServicer
 from blobstore.server.http import AccessLogger, create_http_app
@@ -62,6 +63,16 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Where chunks and the index live: file + lmdb under data_dir, or (for replicas sharing
+    # one store) s3 + postgres, configured in the [s3] and [postgres] sections.
+    chunk_store: ChunkStoreKind = "file"
+    index: IndexKind = "lmdb"
+    s3: S3Config = field(default_factory=S3Config)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+
+    @property
+    def backends(self) -> BackendConfig:
+        return BackendConfig(self.chunk_store, self.index, self.s3, self.postgres)
 
     @property
     def tls(self) -> TlsFiles | None:
@@ -78,7 +89,12 @@ class BlobstoreServer:
 
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
-        self.engine = engine or open_engine(config.data_dir, config.engine)
+        if config.index != "lmdb" and not config.url_signing_secrets:
+            raise ValueError(
+                "replicas sharing an index must share the URL signing secrets: set url_signing_secrets "
+                "(BLOBSTORE_URL_SIGNING_SECRETS), or a URL made by one replica fails on the others"
+            )
+        self.engine = engine or open_engine(config.data_dir, config.engine, backends=config.backends)
         secrets = config.url_signing_secrets or tuple(load_secrets(config.data_dir))
         self.signer = UrlSigner(secrets, clock=self.engine.clock)
         self.tokens = TokenStore(self.engine.index, clock=self.engine.clock)
@@ -180,6 +196,7 @@ class BlobstoreServer:
             try:
                 while await self.engine.reap_expired() > 0:
                     pass
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.sweep_leases)
             except Exception:
                 log.exception("reaping expired objects failed; will try again")
 

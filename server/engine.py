@@ -8,7 +8,8 @@ version and some unreferenced chunk files, which the start-up sweep removes.
 
 Chunks in use by an upload or a download that has not finished are pinned in
 memory, so that garbage collection never deletes a chunk an in-flight
-transfer is about to reference or read.
+transfer is about to reference or read. When the index is shared by several
+replicas, pins are leases in the index instead (server/sharedgc.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from blobstore.server.model import (
     validate_metadata,
 )
 from blobstore.server.quotas import QuotaConfig
+from blobstore.server.sharedgc import ChunkLeases
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,7 +70,11 @@ class EngineConfig:
     upload_pipeline_depth: int = 3
     # Chunks of one download read ahead.
     download_readahead: int = 2
+    # Worker threads for chunk I/O and hashing (a remote chunk store wants more: see backends.py).
+    io_threads: int = 8
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    # Shared stores only: how long a chunk lease of a replica that died keeps its chunk.
+    chunk_lease_ttl_ns: int = NS_PER_DAY
 
 
 @dataclass
@@ -107,22 +113,36 @@ class Engine:
         self.config = config or EngineConfig()
         self.clock = clock
         self._own_executor = executor is None
-        self.executor: Executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="blobstore-io")
+        self.executor: Executor = executor or ThreadPoolExecutor(
+            max_workers=self.config.io_threads, thread_name_prefix="blobstore-io"
+        )
         self._pins: Counter[bytes] = Counter()
         self._pin_lock = threading.Lock()
+        # Several replicas on one index: pins must be visible to the others' collectors.
+        self._leases: ChunkLeases | None = None
+        if getattr(index, "shared", False):
+            self._leases = ChunkLeases(index, chunks, clock, lease_ttl_ns=self.config.chunk_lease_ttl_ns)
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        self.index.close()
+        # Background collection finishes first: it still needs the index.
         if self._own_executor:
             self.executor.shutdown(wait=True)
+        self.index.close()
+        close_chunks = getattr(self.chunks, "close", None)
+        if close_chunks is not None:
+            close_chunks()
 
     def startup_sweep(self) -> dict[str, int]:
         """Removes what a crash can leave behind: temp files and chunk files no record references.
 
-        Runs before the server accepts requests, so nothing is pinned yet.
+        Runs before the server accepts requests, so nothing is pinned yet. A shared store
+        is not listed (other replicas are uploading into it): the chunks of replicas that
+        died are collected when their leases expire (sweep_leases).
         """
+        if self._leases is not None:
+            return {"unreferenced_chunks": self._leases.sweep()["deleted"], "temp_files": 0}
         removed_tmp = 0
         clear_tmp = getattr(self.chunks, "clear_tmp", None)
         if clear_tmp is not None:
@@ -201,11 +221,22 @@ class Engine:
 
     # ------------------------------------------------------------------ pins and garbage
 
+    def sweep_leases(self) -> dict[str, int]:
+        """Shared stores: collects the chunks that replicas which died had pinned."""
+        return self._leases.sweep() if self._leases is not None else {}
+
     def _pin(self, digests: Iterable[bytes]) -> None:
+        if self._leases is not None:
+            self._leases.pin(digests)
+            return
         with self._pin_lock:
             self._pins.update(digests)
 
     def _unpin_and_collect(self, digests: Iterable[bytes]) -> None:
+        if self._leases is not None:
+            # Deleting from a remote store takes round trips: not on the caller's (event loop) thread.
+            self._collect_later(self._leases.unpin(digests))
+            return
         freed = []
         with self._pin_lock:
             for digest in digests:
@@ -218,6 +249,9 @@ class Engine:
 
     def _collect(self, digests: Iterable[bytes]) -> None:
         """Deletes the chunk files that nothing references and nothing in flight holds."""
+        if self._leases is not None:
+            self._leases.collect(digests)
+            return
         # The pin lock is held across the check and the unlink: an upload pins a
         # chunk before it looks for it, so it either sees the file gone and writes
         # it again, or its pin keeps the file here.
@@ -238,6 +272,10 @@ class Engine:
 
     @staticmethod
     def _next_generation(txn: IndexWriter) -> int:
+        # A shared index may hand out generations from a sequence instead of one hot counter row.
+        next_generation = getattr(txn, "next_generation", None)
+        if next_generation is not None:
+            return int(next_generation())
         raw = txn.get(schema.META, schema.META_GENERATION)
         generation = (schema.unpack_u64(raw) if raw else 0) + 1
         txn.put(schema.META, schema.META_GENERATION, schema.pack_u64(generation))
@@ -991,11 +1029,8 @@ def new_upload_id() -> str:
 
 
 def open_engine(data_dir: str, config: EngineConfig | None = None, **kwargs: Any) -> Engine:
-    """The embedded default: LMDB index and file chunk store under one data folder."""
-    from blobstore.server.chunkstore import FileChunkStore
-    from blobstore.server.index import LmdbIndex
+    """An engine on the backends chosen by `backends=` (server/backends.py); by default the
+    embedded pair: LMDB index and file chunk store under one data folder."""
+    from blobstore.server.backends import open_backend_engine
 
-    os.makedirs(data_dir, exist_ok=True)
-    index = LmdbIndex(os.path.join(data_dir, "index"))
-    chunks = FileChunkStore(os.path.join(data_dir, "store"))
-    return Engine(index, chunks, config, **kwargs)
+    return open_backend_engine(data_dir, config, **kwargs)

@@ -13,6 +13,10 @@ protos/blobstore/internal/records.proto unless noted.
   tokens    sha256 of the bearer token (32 bytes)      -> TokenRecord
   quotas    namespace                                  -> QuotaRecord (overrides of the defaults)
   meta      name                                       -> raw bytes (counters, versions)
+  chunk_leases      sha256 + replica id                -> expire time ns (8 bytes BE): a replica pins the chunk
+  chunk_tombstones  sha256                             -> time ns (8 bytes BE): the chunk object is being deleted
+
+The last two are used only when several replicas share the store (server/sharedgc.py).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ USAGE = "usage"
 META = "meta"
 TOKENS = "tokens"
 QUOTAS = "quotas"
+CHUNK_LEASES = "chunk_leases"
+CHUNK_TOMBSTONES = "chunk_tombstones"
 
-ALL_TABLES = (OBJECTS, CHUNKS, UPLOADS, EXPIRY, USAGE, META, TOKENS, QUOTAS)
+ALL_TABLES = (OBJECTS, CHUNKS, UPLOADS, EXPIRY, USAGE, META, TOKENS, QUOTAS, CHUNK_LEASES, CHUNK_TOMBSTONES)
 
 META_GENERATION = b"generation"
 META_SCHEMA_VERSION = b"schema_version"

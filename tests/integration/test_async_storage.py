@@ -55,7 +55,7 @@ def test_async_round_trip_of_every_method(server: RunningServer, tmp_path: Path,
             assert await storage.list("notes/") == ["notes/a", "notes/large"]
             assert [key async for key in storage.iter_list(page_size=1)] == ["files/one", "notes/a", "notes/large"]
             assert await storage.list_prefixes() == ([], ["files/", "notes/"])
-            assert (await storage.limits()).chunk_size_bytes == 1 << 20
+            assert (await storage.limits()).chunk_size_bytes == server.engine.config.chunk_size
 
             with pytest.raises(PreconditionError):
                 await storage.set("notes/a", b"x", if_generation_match=0)

@@ -257,6 +257,7 @@ def test_download_ranges_and_checksums(stub: pb_grpc.StorageStub, storage: Stora
     assert all(not r.HasField("object") for r in responses[1:])
 
 
+@pytest.mark.file_store
 def test_corrupt_chunk_is_data_loss(server: RunningServer, storage: Storage) -> None:
     storage.set("obj", os.urandom(2 * MiB))
     chunk = next(p for p in (server.data_dir / "store" / "chunks").rglob("*") if p.is_file())

@@ -375,6 +375,7 @@ def test_url_requests_are_validated_when_created(storage: Storage) -> None:
 # ---------------------------------------------------------------------- corruption
 
 
+@pytest.mark.file_store
 def test_a_corrupt_chunk_is_never_served(server: RunningServer, storage: Storage, tmp_path: Path) -> None:
     payload = os.urandom(3 * MiB)
     storage.set("fragile", payload)
@@ -410,6 +411,7 @@ def test_a_corrupt_chunk_is_never_served(server: RunningServer, storage: Storage
 # ---------------------------------------------------------------------- secrets and the command line
 
 
+@pytest.mark.file_store
 def test_the_secret_survives_restarts_and_rotation_keeps_old_urls_working(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     running = start_server(data_dir)
@@ -486,6 +488,7 @@ def test_cli_url_prints_working_urls(server: RunningServer, storage: Storage, tm
     assert bad.exit_code != 0 and "catalog" in bad.output
 
 
+@pytest.mark.file_store
 def test_stop_throws_away_a_put_still_in_flight(tmp_path: Path) -> None:
     running = start_server(tmp_path / "data", shutdown_grace_s=1.0)
     with running.client() as storage:

@@ -461,6 +461,7 @@ def test_an_open_server_refuses_a_non_loopback_address(tmp_path: Path) -> None:
         stop_server(running)
 
 
+@pytest.mark.file_store
 def test_a_server_with_tokens_may_bind_any_address(tmp_path: Path) -> None:
     from blobstore.server.index import LmdbIndex
 

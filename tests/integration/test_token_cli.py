@@ -32,6 +32,7 @@ def live(tmp_path: Path) -> Iterator[RunningServer]:
     stop_server(running)
 
 
+@pytest.mark.file_store
 def test_token_create_list_revoke_against_a_running_server(live: RunningServer) -> None:
     data_dir = str(live.data_dir)
     created = blobstore("token", "create", "--data-dir", data_dir, "--namespace", "carol", "--description", "laptop")
@@ -67,6 +68,7 @@ def test_token_commands_refuse_bad_input_with_one_line(live: RunningServer) -> N
     assert blobstore("token", "list", "--data-dir", data_dir).stdout.count("\n") == 1  # the header alone
 
 
+@pytest.mark.file_store
 def test_quota_set_takes_effect_on_a_running_server(live: RunningServer) -> None:
     data_dir = str(live.data_dir)
     token = blobstore("token", "create", "--data-dir", data_dir, "--namespace", "dave").stdout.strip()

@@ -1,0 +1,203 @@
+"""Upload and download through blobstore on S3 + PostgreSQL against boto3 moving the same bytes
+straight to the same S3 gateway.
+
+    .venv/bin/python -m bench.s3pg [--files 4] [--size-mib 64] [--rounds 3] [--parallel 2]
+
+Starts PostgreSQL (fsync on) and Ceph's RADOS Gateway on loopback (tests/infra/services.py:
+installed with apt-get when missing), and a blobstore server as a subprocess on that pair.
+Each round writes fresh random files (so blobstore's deduplication saves nothing), then
+alternates: blobstore set_file / boto3 upload_file of every file, then blobstore get_file /
+boto3 download_file, `--parallel` files at a time, each tool with its default settings.
+Reports the median throughput of the rounds and the ratio blobstore / boto3 (target >= 0.8),
+and, for scale, the same client against a blobstore on the embedded file + lmdb pair.
+Everything runs on this machine: the numbers include the servers' CPU, shared with the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from blobstore.client import Storage
+from tests.infra.services import CephRgw, Postgres
+
+MiB = 1 << 20
+BUCKET_DIRECT = "bench-direct"
+BUCKET_BLOBSTORE = "bench-blobstore"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_blobstore(workdir: Path, ceph: CephRgw | None, pg: Postgres | None) -> tuple[subprocess.Popen[bytes], str]:
+    """A server on s3 + postgres, or on the embedded file + lmdb pair when ceph and pg are None."""
+    port = free_port()
+    env = dict(os.environ)
+    if ceph is not None and pg is not None:
+        env |= _shared_pair(ceph, pg)
+    data = workdir / ("data" if ceph is not None else "data-local")
+    log = open(workdir / "blobstore.log", "ab")  # noqa: SIM115 - the child keeps it
+    args = [sys.executable, "-m", "blobstore.client.cli", "serve", "--data-dir", str(data)]
+    args += ["--port", str(port), "--http-port", str(free_port()), "--log-level", "warning"]
+    process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Storage(f"127.0.0.1:{port}", timeout=5) as storage:
+                storage.exists("warm-up")
+            return process, f"127.0.0.1:{port}"
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"blobstore did not start; see {workdir / 'blobstore.log'}") from None
+            time.sleep(0.2)
+
+
+def _shared_pair(ceph: CephRgw, pg: Postgres) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BLOBSTORE_CHUNK_STORE": "s3",
+        "BLOBSTORE_INDEX": "postgres",
+        "BLOBSTORE_S3_ENDPOINT": ceph.endpoint,
+        "BLOBSTORE_S3_BUCKET": BUCKET_BLOBSTORE,
+        "BLOBSTORE_S3_REGION": ceph.region,
+        "BLOBSTORE_S3_ACCESS_KEY": ceph.access_key,
+        "BLOBSTORE_S3_SECRET_KEY": ceph.secret_key,
+        "BLOBSTORE_POSTGRES_DSN": pg.dsn,
+        "BLOBSTORE_URL_SIGNING_SECRETS": '["bench-secret-shared-by-replicas"]',
+    }
+
+
+def timed(parallel: int, work: Callable[[int], object], count: int) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(work, range(count)))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=2)
+    options = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="blobstore-bench-s3pg-"))
+    pg = Postgres(durable=True).start()
+    ceph = CephRgw(memstore_bytes=16 << 30).start()
+    server: subprocess.Popen[bytes] | None = None
+    local: subprocess.Popen[bytes] | None = None
+    try:
+        server, address = start_blobstore(workdir, ceph, pg)
+        # The same client against the embedded pair: how fast the client and gRPC path goes at all.
+        local, local_address = start_blobstore(workdir, None, None)
+        local_storage = Storage(local_address)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=ceph.endpoint,
+            region_name=ceph.region,
+            aws_access_key_id=ceph.access_key,
+            aws_secret_access_key=ceph.secret_key,
+            config=Config(s3={"addressing_style": "path"}, max_pool_connections=32),
+        )
+        s3.create_bucket(Bucket=BUCKET_DIRECT)
+        transfer = TransferConfig()  # boto3's defaults: 8 MiB parts, 10 threads per file
+        storage = Storage(address)
+        total = options.files * options.size_mib * MiB
+        results: dict[str, list[float]] = {
+            f"{d}_{n}": [] for d in ("up", "down") for n in ("blobstore", "boto3", "local")
+        }
+        for round_number in range(options.rounds):
+            files = []
+            for i in range(options.files):
+                path = workdir / f"in{i}"
+                path.write_bytes(os.urandom(options.size_mib * MiB))
+                files.append(path)
+            keys = [f"r{round_number}/f{i}" for i in range(options.files)]
+            out = workdir / "out"
+            out.mkdir(exist_ok=True)
+
+            def up_blobstore(i: int, keys: list[str] = keys, files: list[Path] = files) -> object:
+                return storage.set_file(keys[i], files[i])
+
+            def up_boto3(i: int, keys: list[str] = keys, files: list[Path] = files) -> None:
+                s3.upload_file(str(files[i]), BUCKET_DIRECT, keys[i], Config=transfer)
+
+            def down_blobstore(i: int, keys: list[str] = keys, out: Path = out) -> object:
+                return storage.get_file(keys[i], out / f"b{i}")
+
+            def up_local(i: int, keys: list[str] = keys, files: list[Path] = files) -> object:
+                return local_storage.set_file(keys[i], files[i])
+
+            def down_local(i: int, keys: list[str] = keys, out: Path = out) -> object:
+                return local_storage.get_file(keys[i], out / f"l{i}")
+
+            def down_boto3(i: int, keys: list[str] = keys, out: Path = out) -> None:
+                s3.download_file(BUCKET_DIRECT, keys[i], str(out / f"s{i}"), Config=transfer)
+
+            # Alternate which goes first, so neither always meets a freshly busy gateway.
+            order = [
+                ("blobstore", up_blobstore, down_blobstore),
+                ("boto3", up_boto3, down_boto3),
+                ("local", up_local, down_local),
+            ]
+            if round_number % 2:
+                order.reverse()
+            for name, up, _ in order:
+                results[f"up_{name}"].append(total / timed(options.parallel, up, options.files) / 1e6)
+            for name, _, down in order:
+                results[f"down_{name}"].append(total / timed(options.parallel, down, options.files) / 1e6)
+            for i in range(options.files):
+                if (out / f"b{i}").read_bytes() != files[i].read_bytes():
+                    raise SystemExit(f"blobstore returned different bytes for {keys[i]}")
+                storage.delete(keys[i])
+                local_storage.delete(keys[i])
+                s3.delete_object(Bucket=BUCKET_DIRECT, Key=keys[i])
+            shutil.rmtree(out)
+        storage.close()
+        local_storage.close()
+        median = {name: statistics.median(values) for name, values in results.items()}
+        print(
+            f"{options.rounds} rounds of {options.files} x {options.size_mib} MiB, {options.parallel} at a time "
+            "(median MB/s; client, blobstore, PostgreSQL and Ceph share this machine):"
+        )
+        for direction in ("up", "down"):
+            ours, theirs = median[f"{direction}_blobstore"], median[f"{direction}_boto3"]
+            label = "upload  " if direction == "up" else "download"
+            local_median = median[f"{direction}_local"]
+            print(
+                f"  {label} blobstore on s3+pg {ours:7.1f}   boto3 straight to RGW {theirs:7.1f}"
+                f"   ratio {ours / theirs:.2f}   (blobstore on file+lmdb, same client: {local_median:.1f})"
+            )
+            for name in ("blobstore", "boto3", "local"):
+                values = ", ".join(f"{v:.0f}" for v in results[f"{direction}_{name}"])
+                print(f"      rounds {name:9} {values}")
+    finally:
+        for process in (server, local):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(30)
+        ceph.stop()
+        pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

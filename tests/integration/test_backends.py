@@ -1,0 +1,133 @@
+"""The shared backends on the real engines: S3ChunkStore on Ceph's RADOS Gateway, PostgresIndex on PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import pytest
+
+from blobstore.server import errors
+from blobstore.server.backends import BackendConfig
+from blobstore.server.index import IndexWriter
+from blobstore.server.pgindex import PostgresIndex
+from blobstore.server.s3store import S3ChunkStore
+from tests.conftest import RunningServer
+
+pytestmark = pytest.mark.shared_store
+
+
+@pytest.fixture
+def chunks(backends: BackendConfig) -> Iterator[S3ChunkStore]:
+    store = S3ChunkStore(backends.s3)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def index(backends: BackendConfig) -> Iterator[PostgresIndex]:
+    index = PostgresIndex(backends.postgres)
+    yield index
+    index.close()
+
+
+def test_the_server_fixture_runs_on_the_shared_pair(server: RunningServer) -> None:
+    assert type(server.engine.index).__name__ == "PostgresIndex"
+    assert type(server.engine.chunks).__name__ == "S3ChunkStore"
+
+
+def test_chunks_put_by_hash_read_ranges_and_delete(chunks: S3ChunkStore) -> None:
+    data = bytes(range(256)) * 4096
+    digest = hashlib.sha256(data).digest()
+    assert not chunks.exists(digest)
+    chunks.put(digest, data)
+    chunks.put(digest, memoryview(data))  # idempotent
+    assert chunks.exists(digest)
+    assert chunks.read(digest) == data
+    assert chunks.read(digest, 1000, 10) == data[1000:1010]
+    assert chunks.read(digest, len(data) - 5) == data[-5:]
+    assert chunks.local_path(digest) is None
+    assert list(chunks.iter_digests()) == [digest]
+    chunks.delete(digest)
+    chunks.delete(digest)  # idempotent
+    assert not chunks.exists(digest)
+    with pytest.raises(FileNotFoundError):
+        chunks.read(digest)
+
+
+def test_index_scans_in_bytewise_key_order_within_the_range(index: PostgresIndex) -> None:
+    keys = [b"", b"\x00", b"a", b"a\x00", b"a\xff", b"b", b"\xff", b"\xff\xff"] + [b"m%04d" % i for i in range(1200)]
+
+    def fill(txn: IndexWriter) -> None:
+        for key in keys:
+            txn.put("objects", key, b"v" + key)
+        txn.put("chunks", b"a", b"other table")
+
+    index.submit(fill).result()
+    with index.reader() as r:
+        assert [k for k, _ in r.scan("objects", b"")] == sorted(keys)
+        assert [k for k, _ in r.scan("objects", b"a", b"b")] == [b"a", b"a\x00", b"a\xff"]
+        assert r.get("objects", b"a\xff") == b"va\xff"
+        assert r.get("chunks", b"a") == b"other table"
+        assert r.get("objects", b"missing") is None
+
+
+def test_a_failing_op_leaves_nothing_and_others_commit(index: PostgresIndex) -> None:
+    def failing(txn: IndexWriter) -> None:
+        txn.put("meta", b"x", b"1")
+        raise errors.InvalidArgument("no")
+
+    def passing(txn: IndexWriter) -> bool:
+        txn.put("meta", b"y", b"2")
+        return txn.delete("meta", b"absent")
+
+    bad, good = index.submit_many([failing, passing])
+    with pytest.raises(errors.InvalidArgument):
+        bad.result()
+    assert good.result() is False
+    with index.reader() as r:
+        assert r.get("meta", b"x") is None
+        assert r.get("meta", b"y") == b"2"
+
+
+def test_a_reader_sees_one_snapshot(index: PostgresIndex) -> None:
+    index.submit(lambda txn: txn.put("meta", b"k", b"old")).result()
+    with index.reader() as r:
+        assert r.get("meta", b"k") == b"old"
+        index.submit(lambda txn: txn.put("meta", b"k", b"new")).result()
+        assert r.get("meta", b"k") == b"old"
+    with index.reader() as r:
+        assert r.get("meta", b"k") == b"new"
+
+
+def test_concurrent_read_modify_writes_lose_no_update(index: PostgresIndex) -> None:
+    def increment(txn: IndexWriter) -> None:
+        raw = txn.get("usage", b"n")
+        txn.put("usage", b"n", str(int(raw or b"0") + 1).encode())
+
+    other = PostgresIndex(index.config)  # a second replica's connection pool
+    try:
+        futures: list[Future[None]] = []
+        threads = [
+            threading.Thread(
+                target=lambda i=i: futures.extend((index if i % 2 else other).submit(increment) for _ in range(25))
+            )
+            for i in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for future in futures:
+            future.result()
+    finally:
+        other.close()
+    with index.reader() as r:
+        assert r.get("usage", b"n") == b"100"
+
+
+def test_generations_come_from_a_sequence_and_only_grow(index: PostgresIndex) -> None:
+    seen = [index.submit(lambda txn: txn.next_generation()).result() for _ in range(5)]  # type: ignore[attr-defined]
+    assert seen == sorted(seen) and len(set(seen)) == 5
