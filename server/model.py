@@ -113,6 +113,18 @@ class UploadSpec:
     if_generation_match: int | None = None
 
 
+@dataclass
+class BatchEntry:
+    """One value of a BatchSet: the same fields as a Set, judged on their own."""
+
+    key: str
+    value: bytes
+    content_type: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    if_generation_match: int | None = None
+    crc32c_expected: int | None = None
+
+
 def validate_key(key: str) -> None:
     """Keys are UTF-8, 1 to 1024 bytes, with no control characters."""
     if not isinstance(key, str):
