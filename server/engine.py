@@ -449,14 +449,15 @@ class Engine:
                 )
                 for p in positions
             ]
-            futures = self.index.submit_many(ops) if ops else []
+            outcomes = await asyncio.wrap_future(self.index.submit_batch(ops)) if ops else []
             released: list[bytes] = []
-            for position, future in zip(positions, futures, strict=True):
-                try:
-                    record, freed = await asyncio.wrap_future(future)
-                except errors.BlobstoreError as exc:
-                    results[position] = exc
+            for position, outcome in zip(positions, outcomes, strict=True):
+                if isinstance(outcome, errors.BlobstoreError):
+                    results[position] = outcome
+                elif isinstance(outcome, BaseException):
+                    raise outcome
                 else:
+                    record, freed = outcome
                     released += freed
                     results[position] = self._info(entries[position].key, storage_type, record)
             self._collect_later(released)
