@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any, BinaryIO, TypeVar, Union
 
 import google_crc32c
@@ -43,6 +43,8 @@ _LABELS = {number: label for label, number in STORAGE_TYPES.items()}
 # Transient failures after which a transfer resumes instead of failing.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 PathOrFile = Union[str, "os.PathLike[str]", IO[Any]]
 M = TypeVar("M", pb.GetRequest, pb.DownloadRequest, pb.StatRequest, pb.DeleteRequest)
 
@@ -68,7 +70,9 @@ class ObjectInfo:
         def when(field_name: str) -> datetime | None:
             if not message.HasField(field_name):  # type: ignore[arg-type]
                 return None
-            return getattr(message, field_name).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+            # What Timestamp.ToDatetime computes, in a third of its time (set_many makes many of these).
+            stamp = getattr(message, field_name)
+            return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
 
         checksums = message.checksums
         return cls(

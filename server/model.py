@@ -137,6 +137,8 @@ def validate_key(key: str) -> None:
         raise errors.InvalidArgument("key is not valid UTF-8 (it contains a lone surrogate)") from None
     if len(encoded) > MAX_KEY_BYTES:
         raise errors.InvalidArgument(f"key is {len(encoded)} bytes of UTF-8; at most {MAX_KEY_BYTES} are allowed")
+    if key.isascii() and key.isprintable():
+        return  # the common case; in ASCII only control characters are unprintable
     for position, char in enumerate(key):
         if unicodedata.category(char) == "Cc":
             raise errors.InvalidArgument(f"key contains control character U+{ord(char):04X} at position {position}")
