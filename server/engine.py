@@ -433,6 +433,9 @@ class Engine:
                 if len(entry.value) > self.config.inline_threshold:
                     chunked.append(position)
         pinned: list[bytes] = []
+        # Whatever happens to this coroutine, the pins hold until the chunk writes and the
+        # commit have settled: garbage collection must not take chunks a commit references.
+        settles: Future[Any] | None = None
         try:
             if chunked:
                 # Chunks are durable before the transaction that references them, as for Upload.
@@ -441,7 +444,8 @@ class Engine:
                         drafts[position].chunks.extend(self._put_value_chunks(entries[position].value, pinned))
                     self.chunks.sync()
 
-                await self._run(store_chunks)
+                settles = self.executor.submit(store_chunks)
+                await asyncio.wrap_future(settles)
             positions = list(drafts)
             ops = [
                 self._commit_op(
@@ -449,24 +453,42 @@ class Engine:
                 )
                 for p in positions
             ]
-            outcomes = await asyncio.wrap_future(self.index.submit_batch(ops)) if ops else []
-            released: list[bytes] = []
+            if not ops:
+                return [result for result in results if result is not None]
+            settles = self.index.submit_batch(ops)
+            settles.add_done_callback(self._collect_batch_releases)
+            outcomes = await asyncio.wrap_future(settles)
             for position, outcome in zip(positions, outcomes, strict=True):
                 if isinstance(outcome, errors.BlobstoreError):
                     results[position] = outcome
                 elif isinstance(outcome, BaseException):
                     raise outcome
                 else:
-                    record, freed = outcome
-                    released += freed
-                    results[position] = self._info(entries[position].key, storage_type, record)
-            self._collect_later(released)
+                    results[position] = self._info(entries[position].key, storage_type, outcome[0])
         finally:
-            if pinned:
+            if settles is None:
                 self._unpin_and_collect(pinned)
+            else:
+                settles.add_done_callback(lambda _: self._unpin_soon(pinned))
         done = [result for result in results if result is not None]
         assert len(done) == len(entries), "every batch entry gets a result"
         return done
+
+    def _collect_batch_releases(self, done: Future[list[Any]]) -> None:
+        """Once a batch commit is durable: collect the chunks its entries released."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        released = [digest for outcome in done.result() if isinstance(outcome, tuple) for digest in outcome[1]]
+        self._collect_later(released)
+
+    def _unpin_soon(self, digests: list[bytes]) -> None:
+        """Called on whichever thread settled the work: the garbage check goes to a worker."""
+        if not digests:
+            return
+        try:
+            self.executor.submit(self._unpin_and_collect, digests)
+        except RuntimeError:  # the executor is shutting down
+            self._unpin_and_collect(digests)
 
     def _check_batch_size(self, count: int) -> None:
         if count > self.config.max_batch_entries:

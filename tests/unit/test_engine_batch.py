@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -104,3 +105,15 @@ def test_usage_counts_every_committed_entry(engine: Engine, run: Run) -> None:
     run(engine.batch_set(ANONYMOUS, DATA, [BatchEntry("a", b"12"), BatchEntry("b\x00", b"x"), BatchEntry("c", b"345")]))
     usage = engine.usage(ANONYMOUS.namespace)
     assert (usage.objects, usage.bytes) == (2, 5)
+
+
+def test_chunks_of_a_batch_are_unpinned_and_collectable(engine: Engine, run: Run) -> None:
+    big = os.urandom(engine.config.inline_threshold * 2)
+    run(engine.batch_set(ANONYMOUS, DATA, [BatchEntry("big", big), BatchEntry("bad\x00", big)]))
+    assert len(list(engine.chunks.iter_digests())) == 1
+    run(engine.delete(ANONYMOUS, DATA, "big"))
+    # Unpinning and collection run on worker threads: wait for them, not for a time.
+    deadline = time.monotonic() + 30
+    while list(engine.chunks.iter_digests()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(engine.chunks.iter_digests()) == []
