@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from blobstore.server import errors, schema
-from blobstore.server.engine import Engine
+from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.model import ANONYMOUS, BatchEntry, ObjectInfo, StorageType
+from blobstore.server.quotas import QuotaConfig
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 DATA = StorageType.DATA
@@ -117,3 +119,15 @@ def test_chunks_of_a_batch_are_unpinned_and_collectable(engine: Engine, run: Run
     while list(engine.chunks.iter_digests()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert list(engine.chunks.iter_digests()) == []
+
+
+def test_a_quota_fails_the_entries_past_it_alone(tmp_path: Path, run: Run) -> None:
+    config = EngineConfig(quotas=QuotaConfig(max_objects=2))
+    engine = open_engine(str(tmp_path / "quota"), config)
+    try:
+        results = run(engine.batch_set(ANONYMOUS, DATA, [BatchEntry(f"q{i}", b"v") for i in range(3)]))
+        assert [isinstance(result, ObjectInfo) for result in results] == [True, True, False]
+        assert isinstance(results[2], errors.QuotaExceeded)
+        assert engine.usage(ANONYMOUS.namespace).objects == 2
+    finally:
+        engine.close()
