@@ -9,6 +9,7 @@ storage.get("greeting")        # b'Hello Storage'
 from blobstore.client.async_storage import AsyncStorage
 from blobstore.client.errors import (
     AuthenticationError,
+    BatchError,
     ConflictError,
     DataLossError,
     DeadlineExceededError,
@@ -27,6 +28,7 @@ __all__ = [
     "STORAGE_TYPES",
     "AsyncStorage",
     "AuthenticationError",
+    "BatchError",
     "ConflictError",
     "DataLossError",
     "DeadlineExceededError",

@@ -94,6 +94,36 @@ _BY_CODE: dict[grpc.StatusCode, type[StorageError]] = {
 }
 
 
+class BatchError(StorageError):
+    """Some entries of a batch call failed; the others took effect.
+
+    `errors` maps each failed key to its own typed error; `results` holds what
+    the call returned for the keys that succeeded (ObjectInfo for set_many,
+    bytes for get_many).
+    """
+
+    def __init__(self, errors: dict[str, StorageError], results: dict[str, Any]) -> None:
+        first_key, first = next(iter(errors.items()))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(
+            f"{len(errors)} of {len(errors) + len(results)} batch entries failed; {first_key!r}: {first.message}{more}",
+            code=first.code,
+            reason=first.reason,
+        )
+        self.errors = errors
+        self.results = results
+
+
+def from_item_error(code: int, message: str, reason: str) -> StorageError:
+    """The typed error of one entry of a batch call (an ItemError on the wire)."""
+    status = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    cls = _BY_CODE.get(status, StorageError)
+    return cls(message or status.name, code=status, reason=reason)
+
+
+_BY_NUMBER: dict[int, grpc.StatusCode] = {status.value[0]: status for status in grpc.StatusCode}
+
+
 def from_rpc_error(error: grpc.RpcError) -> StorageError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)

@@ -6,6 +6,8 @@ from blobstore.server import errors
 from blobstore.server.model import ObjectInfo, StorageType, UploadSpec
 from blobstore.v1 import storage_pb2 as pb
 
+NS_PER_S = 1_000_000_000
+
 
 def object_to_pb(info: ObjectInfo) -> pb.Object:
     message = pb.Object(
@@ -14,13 +16,16 @@ def object_to_pb(info: ObjectInfo) -> pb.Object:
         size=info.size,
         generation=info.generation,
         content_type=info.content_type,
-        metadata=info.metadata,
         checksums=pb.ObjectChecksums(crc32c=info.crc32c, sha256=info.sha256),
     )
-    message.create_time.FromNanoseconds(info.create_time_ns)
-    message.update_time.FromNanoseconds(info.update_time_ns)
+    if info.metadata:
+        message.metadata.update(info.metadata)
+    # Plain field writes: Timestamp.FromNanoseconds costs as much as the rest of the message
+    # (measured in python -m bench.profile batch-get, where this runs once per value).
+    message.create_time.seconds, message.create_time.nanos = divmod(info.create_time_ns, NS_PER_S)
+    message.update_time.seconds, message.update_time.nanos = divmod(info.update_time_ns, NS_PER_S)
     if info.expire_time_ns:
-        message.expire_time.FromNanoseconds(info.expire_time_ns)
+        message.expire_time.seconds, message.expire_time.nanos = divmod(info.expire_time_ns, NS_PER_S)
     return message
 
 

@@ -35,6 +35,7 @@ from blobstore.server import errors, quotas, schema
 from blobstore.server.chunkstore import ChunkStore
 from blobstore.server.index import Index, IndexReader, IndexWriter
 from blobstore.server.model import (
+    BatchEntry,
     ByteRange,
     Caller,
     ListPage,
@@ -410,6 +411,134 @@ class Engine:
         finally:
             await upload.abort()
 
+    async def batch_set(
+        self, caller: Caller, storage_type: StorageType, entries: list[BatchEntry]
+    ) -> list[ObjectInfo | errors.BlobstoreError]:
+        """Stores many values with one index transaction and one fsync.
+
+        Each entry is validated, checked against its precondition and committed
+        on its own (a nested transaction per entry): one bad entry fails with
+        its error in its place in the result, the others still commit.
+        """
+        self._check_batch_size(len(entries))
+        results: list[ObjectInfo | errors.BlobstoreError | None] = [None] * len(entries)
+        drafts: dict[int, rec.ObjectRecord] = {}
+        chunked: list[int] = []
+        for position, entry in enumerate(entries):
+            try:
+                drafts[position] = self._batch_draft(caller, storage_type, entry)
+            except errors.BlobstoreError as exc:
+                results[position] = exc
+            else:
+                if len(entry.value) > self.config.inline_threshold:
+                    chunked.append(position)
+        pinned: list[bytes] = []
+        # Whatever happens to this coroutine, the pins hold until the chunk writes and the
+        # commit have settled: garbage collection must not take chunks a commit references.
+        settles: Future[Any] | None = None
+        try:
+            if chunked:
+                # Chunks are durable before the transaction that references them, as for Upload.
+                def store_chunks() -> None:
+                    for position in chunked:
+                        drafts[position].chunks.extend(self._put_value_chunks(entries[position].value, pinned))
+                    self.chunks.sync()
+
+                settles = self.executor.submit(store_chunks)
+                await asyncio.wrap_future(settles)
+            positions = list(drafts)
+            ops = [
+                self._commit_op(
+                    caller.namespace, storage_type, entries[p].key, drafts[p], entries[p].if_generation_match
+                )
+                for p in positions
+            ]
+            if not ops:
+                return [result for result in results if result is not None]
+            settles = self.index.submit_batch(ops)
+            settles.add_done_callback(self._collect_batch_releases)
+            outcomes = await asyncio.wrap_future(settles)
+            for position, outcome in zip(positions, outcomes, strict=True):
+                if isinstance(outcome, errors.BlobstoreError):
+                    results[position] = outcome
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    results[position] = self._info(entries[position].key, storage_type, outcome[0])
+        finally:
+            if settles is None:
+                self._unpin_and_collect(pinned)
+            else:
+                settles.add_done_callback(lambda _: self._unpin_soon(pinned))
+        done = [result for result in results if result is not None]
+        assert len(done) == len(entries), "every batch entry gets a result"
+        return done
+
+    def _collect_batch_releases(self, done: Future[list[Any]]) -> None:
+        """Once a batch commit is durable: collect the chunks its entries released."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        released = [digest for outcome in done.result() if isinstance(outcome, tuple) for digest in outcome[1]]
+        self._collect_later(released)
+
+    def _unpin_soon(self, digests: list[bytes]) -> None:
+        """Called on whichever thread settled the work: the garbage check goes to a worker."""
+        if not digests:
+            return
+        try:
+            self.executor.submit(self._unpin_and_collect, digests)
+        except RuntimeError:  # the executor is shutting down
+            self._unpin_and_collect(digests)
+
+    def _check_batch_size(self, count: int) -> None:
+        if count > self.config.max_batch_entries:
+            raise errors.InvalidArgument(
+                f"the batch has {count} entries; at most {self.config.max_batch_entries} are allowed per call"
+            )
+
+    def _batch_draft(self, caller: Caller, storage_type: StorageType, entry: BatchEntry) -> rec.ObjectRecord:
+        """Validates one batch entry and builds its record, without chunks yet."""
+        spec = UploadSpec(entry.key, storage_type, entry.content_type, entry.metadata, None, entry.if_generation_match)
+        self._validate_write(caller, spec)
+        value = entry.value
+        if len(value) > self.config.max_unary_value:
+            raise errors.InvalidArgument(
+                f"value of {entry.key!r} is {len(value)} bytes; a batch entry takes at most "
+                f"{self.config.max_unary_value}: stream larger values with Upload"
+            )
+        value_crc = crc32c(value)
+        if entry.crc32c_expected is not None and entry.crc32c_expected != value_crc:
+            raise errors.ChecksumMismatch(
+                f"value CRC32C of {entry.key!r} is {value_crc:#010x}, the request said "
+                f"{entry.crc32c_expected:#010x}; that entry was not stored"
+            )
+        draft = rec.ObjectRecord(
+            size=len(value),
+            content_type=entry.content_type,
+            metadata=entry.metadata,
+            crc32c=value_crc,
+            sha256=hashlib.sha256(value).digest(),
+        )
+        if len(value) <= self.config.inline_threshold:
+            draft.inline_data = value
+        return draft
+
+    def _put_value_chunks(self, value: bytes, pinned: list[bytes]) -> list[rec.ChunkRef]:
+        """Stores a value's chunks (pinned until the caller unpins `pinned`); runs on a worker thread."""
+        refs = []
+        size = self.config.chunk_size
+        for start in range(0, len(value), size):
+            chunk = value[start : start + size]  # the value itself when it fits one chunk: no copy
+            digest = hashlib.sha256(chunk).digest()
+            self._pin([digest])
+            pinned.append(digest)
+            with self.index.reader() as r:
+                durable = r.get(schema.CHUNKS, digest) is not None
+            if not durable:
+                self.chunks.put(digest, chunk)
+            refs.append(rec.ChunkRef(sha256=digest, size=len(chunk), crc32c=crc32c(chunk)))
+        return refs
+
     def new_upload(self, caller: Caller, spec: UploadSpec) -> UploadWriter:
         self._validate_write(caller, spec)
         if spec.declared_size is not None:
@@ -497,6 +626,52 @@ class Engine:
         finally:
             self._unpin_and_collect([ref.sha256 for ref in record.chunks])
         return self._info(key, storage_type, record), b"".join(parts)
+
+    async def batch_get(
+        self, caller: Caller, storage_type: StorageType, keys: list[str], *, max_total_bytes: int | None = None
+    ) -> list[tuple[ObjectInfo, bytes] | errors.BlobstoreError]:
+        """Reads many values from one snapshot; each key succeeds or fails on its own.
+
+        Values past `max_total_bytes` (what one response message can carry)
+        fail with BatchResponseFull, for the caller to Get them on their own.
+        """
+        self._check_batch_size(len(keys))
+        self._check_readable(caller, storage_type)
+        results: list[tuple[ObjectInfo, bytes] | errors.BlobstoreError] = []
+        chunked: list[int] = []
+        total = 0
+        with self.index.reader() as r:
+            for key in keys:
+                try:
+                    validate_key(key)
+                    record = self._read_record(r, schema.object_key(caller.namespace, storage_type, key))
+                    if record is None:
+                        raise self._not_found(key, storage_type)
+                    if record.size > self.config.max_unary_value:
+                        raise errors.ObjectTooLargeForUnary(
+                            f"object {key!r} is {record.size} bytes; BatchGet returns at most "
+                            f"{self.config.max_unary_value} per value: use Download"
+                        )
+                    # What the entry costs on the wire: value, metadata, key twice, field framing.
+                    cost = record.ByteSize() + (record.size if record.chunks else 0) + 2 * len(key) + 64
+                    if max_total_bytes is not None and total + cost > max_total_bytes:
+                        raise errors.BatchResponseFull(
+                            f"no room left in this response for {key!r} ({record.size} bytes): Get it on its own"
+                        )
+                except errors.BlobstoreError as exc:
+                    results.append(exc)
+                    continue
+                total += cost
+                if record.chunks:
+                    chunked.append(len(results))
+                results.append((self._info(key, storage_type, record), bytes(record.inline_data)))
+        for position in chunked:
+            info, _ = results[position]  # type: ignore[misc]
+            try:
+                results[position] = await self.get(caller, storage_type, info.key, generation=info.generation)
+            except errors.BlobstoreError as exc:  # replaced or deleted since the snapshot
+                results[position] = exc
+        return results
 
     @staticmethod
     def _check_generation(key: str, record: rec.ObjectRecord, generation: int | None) -> None:

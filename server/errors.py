@@ -51,6 +51,10 @@ class ObjectTooLargeForUnary(FailedPrecondition):
     reason = "OBJECT_TOO_LARGE_FOR_UNARY"
 
 
+class BatchResponseFull(FailedPrecondition):
+    reason = "BATCH_RESPONSE_FULL"
+
+
 class ForbiddenByStorageType(FailedPrecondition):
     reason = "FORBIDDEN_BY_STORAGE_TYPE"
 

@@ -56,6 +56,11 @@ class Index(Protocol):
         backend can; each op still succeeds or fails on its own."""
         ...
 
+    def submit_batch(self, ops: list[Callable[[IndexWriter], Any]]) -> Future[list[Any]]:
+        """Runs every op in one transaction, each on its own: the future's list holds,
+        in order, each op's result or the exception that undid that op alone."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -134,6 +139,25 @@ class LmdbIndex:
         jobs: list[_Job] = [(op, Future()) for op in ops]
         self._queue.put(jobs)
         return [future for _, future in jobs]
+
+    def submit_batch(self, ops: list[Callable[[IndexWriter], Any]]) -> Future[list[Any]]:
+        # One job and one future for the whole batch: a future per op costs more
+        # than the op itself (a lock, and a wake-up of the event loop each).
+        def run_each(txn: IndexWriter) -> list[Any]:
+            assert isinstance(txn, _LmdbTxn)
+            outcomes: list[Any] = []
+            for op in ops:
+                child = self._env.begin(write=True, parent=txn._txn)
+                try:
+                    outcomes.append(op(_LmdbTxn(child, self._dbs)))
+                except BaseException as failure:  # that op's own outcome
+                    child.abort()
+                    outcomes.append(_translate(failure))
+                else:
+                    child.commit()
+            return outcomes
+
+        return self.submit(run_each)
 
     def close(self) -> None:
         if self._closed:

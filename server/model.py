@@ -113,6 +113,18 @@ class UploadSpec:
     if_generation_match: int | None = None
 
 
+@dataclass
+class BatchEntry:
+    """One value of a BatchSet: the same fields as a Set, judged on their own."""
+
+    key: str
+    value: bytes
+    content_type: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    if_generation_match: int | None = None
+    crc32c_expected: int | None = None
+
+
 def validate_key(key: str) -> None:
     """Keys are UTF-8, 1 to 1024 bytes, with no control characters."""
     if not isinstance(key, str):
@@ -125,6 +137,8 @@ def validate_key(key: str) -> None:
         raise errors.InvalidArgument("key is not valid UTF-8 (it contains a lone surrogate)") from None
     if len(encoded) > MAX_KEY_BYTES:
         raise errors.InvalidArgument(f"key is {len(encoded)} bytes of UTF-8; at most {MAX_KEY_BYTES} are allowed")
+    if key.isascii() and key.isprintable():
+        return  # the common case; in ASCII only control characters are unprintable
     for position, char in enumerate(key):
         if unicodedata.category(char) == "Cc":
             raise errors.InvalidArgument(f"key contains control character U+{ord(char):04X} at position {position}")

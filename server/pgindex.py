@@ -206,6 +206,32 @@ class PostgresIndex:
         # conflict does not make the others run again.
         return [self.submit(op) for op in ops]
 
+    def submit_batch(self, ops: list[Callable[[IndexWriter], Any]]) -> Future[list[Any]]:
+        # One transaction (one commit) for the batch, each op inside its own savepoint. A
+        # conflict with another transaction still retries the whole batch, as for any op.
+        def run_each(txn: IndexWriter) -> list[Any]:
+            assert isinstance(txn, _Txn)
+            txn.flush()
+            conn = txn._conn
+            outcomes: list[Any] = []
+            for op in ops:
+                conn.execute("SAVEPOINT batch_op")
+                step = _Txn(conn, self._q)
+                try:
+                    result = op(step)
+                    step.flush()
+                except (*_RETRYABLE, psycopg.OperationalError):
+                    raise
+                except BaseException as failure:  # that op's own outcome
+                    conn.execute("ROLLBACK TO SAVEPOINT batch_op")
+                    outcomes.append(failure)
+                else:
+                    conn.execute("RELEASE SAVEPOINT batch_op")
+                    outcomes.append(result)
+            return outcomes
+
+        return self.submit(run_each)
+
     def run(self, op: Callable[[IndexWriter], T]) -> T:
         """Runs `op` in a transaction on the calling thread."""
         return self._run(op)

@@ -17,7 +17,7 @@ import grpc
 from blobstore.server import errors, status
 from blobstore.server.convert import object_to_pb, optional_int, signed_url_method, storage_type, upload_spec
 from blobstore.server.engine import Engine, UploadWriter
-from blobstore.server.model import ANONYMOUS, Caller
+from blobstore.server.model import ANONYMOUS, BatchEntry, Caller
 from blobstore.server.signing import UrlSigner
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 CallerResolver = Callable[[Context], Caller]
+
+# Room kept in a BatchGet response for its framing, besides what batch_get counts per entry.
+BATCH_RESPONSE_SLACK = 16 << 10
 
 
 def _anonymous(context: Context) -> Caller:
@@ -208,10 +211,43 @@ class StorageServicer(pb_grpc.StorageServicer):
         return response
 
     async def BatchSet(self, request: pb.BatchSetRequest, context: Context) -> pb.BatchSetResponse:
-        raise errors.Unimplemented("batch calls are not available yet")
+        entries = [
+            BatchEntry(
+                key=entry.key,
+                value=entry.value,
+                content_type=entry.content_type,
+                metadata=dict(entry.metadata),
+                if_generation_match=optional_int(entry, "if_generation_match"),
+                crc32c_expected=optional_int(entry, "crc32c"),
+            )
+            for entry in request.entries
+        ]
+        results = await self.engine.batch_set(self._caller(context), storage_type(request.storage_type), entries)
+        return pb.BatchSetResponse(
+            results=[
+                pb.BatchSetResult(error=_item_error(result))
+                if isinstance(result, errors.BlobstoreError)
+                else pb.BatchSetResult(object=object_to_pb(result))
+                for result in results
+            ]
+        )
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:
-        raise errors.Unimplemented("batch calls are not available yet")
+        keys = list(request.keys)
+        results = await self.engine.batch_get(
+            self._caller(context),
+            storage_type(request.storage_type),
+            keys,
+            max_total_bytes=self._max_message_bytes - BATCH_RESPONSE_SLACK,
+        )
+        return pb.BatchGetResponse(
+            results=[
+                pb.BatchGetResult(key=key, error=_item_error(result))
+                if isinstance(result, errors.BlobstoreError)
+                else pb.BatchGetResult(key=key, object=object_to_pb(result[0]), value=result[1])
+                for key, result in zip(keys, results, strict=True)
+            ]
+        )
 
     async def GetLimits(self, request: pb.GetLimitsRequest, context: Context) -> pb.GetLimitsResponse:
         caller = self._caller(context)
@@ -229,6 +265,10 @@ class StorageServicer(pb_grpc.StorageServicer):
             requests_per_second=limits.requests_per_second,
             max_batch_entries=config.max_batch_entries,
         )
+
+
+def _item_error(exc: errors.BlobstoreError) -> pb.ItemError:
+    return pb.ItemError(code=status.grpc_code_number(exc), message=exc.message, reason=exc.reason)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -55,6 +55,13 @@ def grpc_code(exc: errors.BlobstoreError) -> grpc.StatusCode:
     return code
 
 
+def grpc_code_number(exc: errors.BlobstoreError) -> int:
+    """The numeric code, as carried by a batch call's per-item ItemError."""
+    number = grpc_code(exc).value[0]
+    assert isinstance(number, int)
+    return number
+
+
 def http_status(exc: errors.BlobstoreError) -> int:
     status = _lookup(HTTP_STATUS, exc)  # type: ignore[arg-type]
     assert isinstance(status, int)

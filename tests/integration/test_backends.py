@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import pytest
@@ -131,3 +131,23 @@ def test_concurrent_read_modify_writes_lose_no_update(index: PostgresIndex) -> N
 def test_generations_come_from_a_sequence_and_only_grow(index: PostgresIndex) -> None:
     seen = [index.submit(lambda txn: txn.next_generation()).result() for _ in range(5)]  # type: ignore[attr-defined]
     assert seen == sorted(seen) and len(set(seen)) == 5
+
+
+def test_a_batch_commits_together_and_a_failing_op_alone(index: PostgresIndex) -> None:
+    def failing(txn: IndexWriter) -> None:
+        txn.put("meta", b"bad", b"1")
+        raise errors.InvalidArgument("no")
+
+    def writer(key: bytes) -> Callable[[IndexWriter], bytes]:
+        def op(txn: IndexWriter) -> bytes:
+            txn.put("meta", key, b"v")
+            return key
+
+        return op
+
+    outcomes = index.submit_batch([writer(b"a"), failing, writer(b"b")]).result()
+    assert outcomes[0] == b"a" and outcomes[2] == b"b"
+    assert isinstance(outcomes[1], errors.InvalidArgument)
+    with index.reader() as r:
+        assert r.get("meta", b"bad") is None
+        assert (r.get("meta", b"a"), r.get("meta", b"b")) == (b"v", b"v")

@@ -1,0 +1,1 @@
+"""`make bench`: blobstore measured against the machine's limits and against peers, as ratios."""
