@@ -64,6 +64,10 @@ class EngineConfig:
     max_unary_value: int = 1 << 20
     tmp_ttl_ns: int = 7 * NS_PER_DAY
     upload_session_ttl_ns: int = 7 * NS_PER_DAY
+    # A resumable session makes its progress durable every this many chunks (and when its stream ends).
+    session_checkpoint_chunks: int = 16
+    # Address space of the LMDB index (None: the backend's default); writes past it fail RESOURCE_EXHAUSTED.
+    index_map_size: int | None = None
     default_page_size: int = 1000
     max_page_size: int = 10_000
     max_batch_entries: int = 1000
@@ -977,6 +981,10 @@ class UploadWriter:
             await self._store(piece)
         if view:
             self._buffer += view
+        await self._after_write()
+
+    async def _after_write(self) -> None:
+        """Hook run after every write; resumable sessions checkpoint their progress here."""
 
     async def _store(self, chunk: bytes) -> None:
         self.engine._check_room(self.caller.namespace, self.spec, self.size)
@@ -991,7 +999,11 @@ class UploadWriter:
     async def _feed_sha(self, previous: asyncio.Future[None] | None, chunk: bytes) -> None:
         if previous is not None:
             await previous
-        await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._sha.update, chunk)
+        await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._hash_chunk, chunk)
+
+    def _hash_chunk(self, chunk: bytes) -> None:
+        """Runs on a worker thread, once per stored chunk, strictly in object order."""
+        self._sha.update(chunk)
 
     async def _drain(self, keep: int = 0) -> None:
         # Waiting for the hash step too keeps memory bounded: no chunk outlives the window.
@@ -1047,9 +1059,7 @@ class UploadWriter:
                 raise errors.ChecksumMismatch("object SHA-256 differs from the client's; nothing was committed")
             if draft.chunks:
                 await engine._run(engine.chunks.sync)
-            commit = engine._submit_releasing(
-                engine._commit_op(self.caller.namespace, spec.storage_type, spec.key, draft, spec.if_generation_match)
-            )
+            commit = engine._submit_releasing(self._commit_transaction(draft))
             # The pins hold until the commit settles, whatever happens to this coroutine:
             # releasing them earlier could let garbage collection take chunks the commit references.
             self._commit_future = commit
@@ -1059,6 +1069,15 @@ class UploadWriter:
             await self.abort()
             raise
         return engine._info(spec.key, spec.storage_type, record)
+
+    def _commit_transaction(
+        self, draft: rec.ObjectRecord
+    ) -> Callable[[IndexWriter], tuple[rec.ObjectRecord, list[bytes]]]:
+        """The commit transaction; resumable sessions close their session in the same one."""
+        spec = self.spec
+        return self.engine._commit_op(
+            self.caller.namespace, spec.storage_type, spec.key, draft, spec.if_generation_match
+        )
 
     async def abort(self) -> None:
         """Frees what this upload stored; harmless after finish or a previous abort."""
