@@ -664,9 +664,9 @@ class Storage(_Client):
                 with source.lock:
                     if not source.rewind(persisted):
                         raise errors.StorageError(
-                            f"cannot resume upload {upload_id}: the server persisted {persisted} bytes and "
-                            f"the stream no longer holds the bytes from there (it is not seekable and "
-                            f"its in-memory window is {self.resume_window} bytes)",
+                            f"cannot resume upload {upload_id}: the server persisted {persisted} bytes and the "
+                            "source cannot produce the bytes from there (a non-seekable stream keeps only its "
+                            f"last {self.resume_window} bytes; a seekable one may be shorter than that)",
                             reason="CANNOT_RESUME",
                         )
                     generation = source.generation

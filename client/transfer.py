@@ -82,6 +82,8 @@ class UploadSource:
         self._high_water = 0
         self._pieces: deque[_Piece] = deque()
         self._kept = 0
+        if self.seekable:
+            self._pieces.append(_Piece(0, 0, hashlib.sha256()))
 
     def read(self, size: int) -> bytes:
         """The next bytes (at most `size`); b"" at the end."""
@@ -126,7 +128,8 @@ class UploadSource:
 
         Call with `lock` held.
         """
-        if position < 0 or position > self._high_water:
+        # A seekable file may also skip ahead (resuming a session begun by an earlier call).
+        if position < 0 or (position > self._high_water and not self.seekable):
             return False
         if position == self.offset:
             self.generation += 1
@@ -150,10 +153,11 @@ class UploadSource:
                 if isinstance(data, str):
                     data = data.encode("utf-8")
                 if not data:
-                    return False
+                    return False  # the file is shorter than what the server holds
                 self.crc = google_crc32c.extend(self.crc, data)
                 self.sha.update(data)
                 todo -= len(data)
+            self._high_water = max(self._high_water, position)
         else:
             head = (base.data or b"")[: position - base.start]
             self.crc = google_crc32c.extend(self.crc, head)

@@ -612,19 +612,23 @@ class Engine:
         validate_key(key)
         self._check_readable(caller, storage_type)
         okey = schema.object_key(caller.namespace, storage_type, key)
-        with self.index.reader() as r:
-            record = self._read_record(r, okey)
-        if record is None:
-            raise self._not_found(key, storage_type)
-        self._check_generation(key, record, generation)
-        if record.size > self.config.max_unary_value:
-            raise errors.ObjectTooLargeForUnary(
-                f"object {key!r} is {record.size} bytes; Get returns at most "
-                f"{self.config.max_unary_value}: use Download"
-            )
-        if not record.chunks:
-            return self._info(key, storage_type, record), bytes(record.inline_data)
-        record = self._pin_record(okey, key, storage_type, record.generation)
+        while True:
+            with self.index.reader() as r:
+                record = self._read_record(r, okey)
+            if record is None:
+                raise self._not_found(key, storage_type)
+            self._check_generation(key, record, generation)
+            if record.size > self.config.max_unary_value:
+                raise errors.ObjectTooLargeForUnary(
+                    f"object {key!r} is {record.size} bytes; Get returns at most "
+                    f"{self.config.max_unary_value}: use Download"
+                )
+            if not record.chunks:
+                return self._info(key, storage_type, record), bytes(record.inline_data)
+            pinned = self._pin_unless_replaced(okey, key, storage_type, record, generation)
+            if pinned is not None:
+                record = pinned
+                break
         try:
             parts = [await self._run(self._read_chunk, ref) for ref in record.chunks]
         finally:
@@ -683,6 +687,17 @@ class Engine:
             raise errors.GenerationMismatch(
                 f"object {key!r} is now at generation {record.generation}, not {generation}: it changed"
             )
+
+    def _pin_unless_replaced(
+        self, okey: bytes, key: str, storage_type: StorageType, record: rec.ObjectRecord, wanted: int | None
+    ) -> rec.ObjectRecord | None:
+        """Pins `record`; None if a newer version replaced it first and the caller wants whatever is current."""
+        try:
+            return self._pin_record(okey, key, storage_type, record.generation)
+        except errors.GenerationMismatch:
+            if wanted is not None:
+                raise
+            return None
 
     def _pin_record(self, okey: bytes, key: str, storage_type: StorageType, generation: int) -> rec.ObjectRecord:
         """Pins the chunks of generation `generation` of a key, or raises if it is gone."""
@@ -745,16 +760,21 @@ class Engine:
         if offset < 0 or limit < 0:
             raise errors.InvalidArgument("read_offset and read_limit must not be negative")
         okey = schema.object_key(caller.namespace, storage_type, key)
-        with self.index.reader() as r:
-            record = self._read_record(r, okey)
-        if record is None:
-            raise self._not_found(key, storage_type)
-        self._check_generation(key, record, generation)
-        if offset > record.size:
-            raise errors.OutOfRange(f"read_offset {offset} is past the end of {key!r} ({record.size} bytes)")
-        end = record.size if limit == 0 else min(record.size, offset + limit)
-        if record.chunks:
-            record = self._pin_record(okey, key, storage_type, record.generation)
+        while True:
+            with self.index.reader() as r:
+                record = self._read_record(r, okey)
+            if record is None:
+                raise self._not_found(key, storage_type)
+            self._check_generation(key, record, generation)
+            if offset > record.size:
+                raise errors.OutOfRange(f"read_offset {offset} is past the end of {key!r} ({record.size} bytes)")
+            end = record.size if limit == 0 else min(record.size, offset + limit)
+            if not record.chunks:
+                break
+            pinned = self._pin_unless_replaced(okey, key, storage_type, record, generation)
+            if pinned is not None:
+                record = pinned
+                break
         return Download(self, self._info(key, storage_type, record), record, ByteRange(offset, end, record.size))
 
     # ------------------------------------------------------------------ listing

@@ -258,3 +258,9 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
 def storage(server: RunningServer) -> Iterator[Storage]:
     with server.client() as client:
         yield client
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("blobstore")
+    group.addoption("--soak", action="store_true", help="run the long versions of the crash tests (make soak)")
+    group.addoption("--crash-rounds", type=int, default=None, help="kill/restart rounds of the crash harness")
