@@ -625,9 +625,19 @@ class Storage(_Client):
             size = remaining_size(fobj)
             if upload_id is None and size is not None and size <= self.resumable_threshold:
                 return self._upload_in_one_stream(spec, source, progress)
-            if upload_id is None:
-                upload_id = self._retrying(lambda: self._start_session(spec))
-            return self._upload_session(upload_id, source, progress)
+            if upload_id is not None:
+                return self._upload_session(upload_id, source, progress)
+            upload_id = self._retrying(lambda: self._start_session(spec))
+            try:
+                return self._upload_session(upload_id, source, progress)
+            except errors.StorageError as error:
+                if not transient(error):
+                    # It cannot succeed (full disk, bad checksum...): free what the session holds on the server.
+                    try:
+                        self.cancel_upload(upload_id)
+                    except errors.StorageError:
+                        pass
+                raise
 
     def _upload_in_one_stream(self, spec: pb.UploadSpec, source: UploadSource, progress: Progress | None) -> ObjectInfo:
         # Without a precondition a repeated upload is harmless, so a small file simply starts over.

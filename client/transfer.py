@@ -21,6 +21,7 @@ The rule for what can resume:
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ import google_crc32c
 
 SEEKABLE_SNAPSHOT_BYTES = 8 << 20
 DEFAULT_WINDOW = 32 << 20
+
+# Anything with read() (and maybe seek()): open files, BytesIO, raw streams.
+Readable = IO[Any] | io.IOBase
 
 
 @dataclass
@@ -41,7 +45,7 @@ class _Piece:
     data: bytes | None = None
 
 
-def _is_seekable(fobj: IO[Any]) -> bool:
+def _is_seekable(fobj: Readable) -> bool:
     try:
         if not fobj.seekable():
             return False
@@ -51,7 +55,7 @@ def _is_seekable(fobj: IO[Any]) -> bool:
     return True
 
 
-def remaining_size(fobj: IO[Any]) -> int | None:
+def remaining_size(fobj: Readable) -> int | None:
     """Bytes from the current position to the end, or None when that cannot be known."""
     if not _is_seekable(fobj):
         return None
@@ -69,7 +73,7 @@ class UploadSource:
     while it reads and stops once `generation` moved on (rewind bumps it).
     """
 
-    def __init__(self, fobj: IO[Any], *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, fobj: Readable, *, window: int = DEFAULT_WINDOW) -> None:
         self.fobj = fobj
         self.seekable = _is_seekable(fobj)
         self.window = window

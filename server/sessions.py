@@ -143,12 +143,15 @@ class UploadSessions:
     async def cancel(self, caller: Caller, upload_id: str) -> None:
         engine = self.engine
 
-        def op(txn: IndexWriter) -> tuple[None, list[bytes]]:
+        def op(txn: IndexWriter) -> tuple[list[bytes], list[bytes]]:
             record = self._load(txn, caller, upload_id)
-            return None, self._remove(txn, upload_id, record)
+            released = self._remove(txn, upload_id, record)
+            return released, released
 
-        await engine._commit(op)
+        released = await engine._commit(op)
         self._hashers.pop(upload_id, None)
+        # Also collected after the commit in any case; here the caller waits until the files are gone.
+        await engine._run(engine._collect, released)
 
     def _remove(self, txn: IndexWriter, upload_id: str, record: rec.UploadSessionRecord) -> list[bytes]:
         txn.delete(schema.UPLOADS, upload_id.encode())
@@ -183,9 +186,10 @@ class UploadSessions:
                 reaped += 1
             return (reaped, released), released
 
-        reaped, _ = await engine._commit(op)
+        reaped, released = await engine._commit(op)
         for upload_id in due:
             self._hashers.pop(upload_id, None)
+        await engine._run(engine._collect, released)
         return reaped
 
     async def open(self, caller: Caller, upload_id: str) -> ResumableUpload:
