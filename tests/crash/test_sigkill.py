@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.crash.conftest import SUMMARIES
 from tests.crash.harness import CrashHarness
 
 DEFAULT_ROUNDS = 20
@@ -35,7 +36,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path, request: pytest.Fix
         harness.server.kill()
     assert not harness.problems, f"seed {seed}: {harness.problems}"
     summary = ", ".join(f"{name}: {count}" for name, count in sorted(harness.stats.items()))
-    print(f"\ncrash harness (seed {seed}, {rounds} rounds): {summary}")
+    request.config.stash.setdefault(SUMMARIES, []).append(f"crash harness (seed {seed}, {rounds} rounds): {summary}")
     # A harness whose workload never got going proves nothing.
     assert harness.stats["writes acknowledged"] > rounds
     assert harness.stats["kills"] == rounds
