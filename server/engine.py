@@ -1028,9 +1028,13 @@ class UploadWriter:
     async def _drain(self, keep: int = 0) -> None:
         # Waiting for the hash step too keeps memory bounded: no chunk outlives the window.
         while len(self._pending) > keep:
-            stored, hashed = self._pending.pop(0)
-            self._refs.append(await stored)
-            await hashed
+            stored, hashed = self._pending[0]
+            # Shielded and popped only once done: a cancelled stream (a client that went away) must not
+            # cancel chunk jobs in flight, so that abort() still sees how each of them ended.
+            ref = await asyncio.shield(stored)
+            await asyncio.shield(hashed)
+            self._pending.pop(0)
+            self._refs.append(ref)
 
     def _store_chunk(self, chunk: bytes) -> rec.ChunkRef:
         digest = hashlib.sha256(chunk).digest()

@@ -63,8 +63,8 @@ class UploadSessions:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # Upload ids with a live writer in this process: a second writer gets ABORTED.
-        self._writers: set[str] = set()
+        # Upload ids with a live writer in this process (None while it opens): a second writer gets ABORTED.
+        self.writers: dict[str, ResumableUpload | None] = {}
         # Upload id -> (persisted size, SHA-256 state of exactly those bytes), for resuming without a re-read.
         self._hashers: dict[str, tuple[int, Any]] = {}
 
@@ -168,7 +168,7 @@ class UploadSessions:
         with engine.index.reader() as r:
             for raw_key, raw in r.scan(schema.UPLOADS, b""):
                 upload_id = bytes(raw_key).decode()
-                if upload_id not in self._writers and rec.UploadSessionRecord.FromString(raw).expire_time_ns <= now:
+                if upload_id not in self.writers and rec.UploadSessionRecord.FromString(raw).expire_time_ns <= now:
                     due.append(upload_id)
         if not due:
             return 0
@@ -177,7 +177,7 @@ class UploadSessions:
             reaped, released = 0, []
             for upload_id in due:
                 raw = txn.get(schema.UPLOADS, upload_id.encode())
-                if raw is None or upload_id in self._writers:
+                if raw is None or upload_id in self.writers:
                     continue
                 record = rec.UploadSessionRecord.FromString(raw)
                 if record.expire_time_ns > engine.clock():
@@ -194,17 +194,18 @@ class UploadSessions:
 
     async def open(self, caller: Caller, upload_id: str) -> ResumableUpload:
         """A writer continuing the session at its persisted size."""
-        if upload_id in self._writers:
+        if upload_id in self.writers:
             raise errors.Aborted(f"upload session {upload_id!r} is being written by another stream")
         # Claimed before the first await, so two streams opening at once cannot both get it.
-        self._writers.add(upload_id)
+        self.writers[upload_id] = None
         try:
             with self.engine.index.reader() as r:
                 record = self._load_open(r, caller, upload_id)
             sha = await self._hasher_at(upload_id, record)
-            return ResumableUpload(self, caller, upload_id, record, sha)
+            writer = self.writers[upload_id] = ResumableUpload(self, caller, upload_id, record, sha)
+            return writer
         except BaseException:
-            self._writers.discard(upload_id)
+            self.writers.pop(upload_id, None)
             raise
 
     async def _hasher_at(self, upload_id: str, record: rec.UploadSessionRecord) -> Any:
@@ -222,7 +223,7 @@ class UploadSessions:
         return await engine._run(rehash)
 
     def _release(self, upload_id: str, persisted_size: int, sha: Any | None) -> None:
-        self._writers.discard(upload_id)
+        self.writers.pop(upload_id, None)
         if sha is not None:
             self._hashers[upload_id] = (persisted_size, sha)
 
@@ -253,7 +254,7 @@ class ResumableUpload(UploadWriter):
         self._chain_crc = record.crc32c
         self._crc_at: dict[int, int] = {self._hashed: record.crc32c}
         self._checkpoint_task: asyncio.Future[None] | None = None
-        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     def _hash_chunk(self, chunk: bytes) -> None:
         super()._hash_chunk(chunk)
@@ -271,9 +272,10 @@ class ResumableUpload(UploadWriter):
             self._checkpoint_task = asyncio.ensure_future(self._checkpoint())
 
     async def _await_checkpoint(self) -> None:
-        task, self._checkpoint_task = self._checkpoint_task, None
+        task = self._checkpoint_task
         if task is not None:
-            await task
+            await asyncio.shield(task)  # a cancelled stream must not cancel a checkpoint half-way
+            self._checkpoint_task = None
 
     async def _checkpoint(self) -> None:
         """Makes the stored chunks that are already hashed durable parts of the session."""
@@ -333,10 +335,16 @@ class ResumableUpload(UploadWriter):
         return op
 
     async def abort(self) -> None:
-        """Ends this stream: makes what was stored durable in the session, then lets go of it."""
-        if self._closed:
-            return
-        self._closed = True
+        """Ends this stream: makes what was stored durable in the session, then lets go of it.
+
+        The work runs in its own task, shielded: when the client goes away, gRPC cancels the
+        handler (sometimes more than once), and the final checkpoint must still complete.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         # After finish was tried, the hasher may have seen bytes that are not in the session.
         hasher_usable = not self._done
         self._done = True

@@ -206,3 +206,35 @@ def test_set_file_gives_up_after_its_retries_when_the_server_stays_down(tmp_path
     process.kill()
     with Storage(address, retries=1) as storage, pytest.raises(client_errors.UnavailableError):
         storage.set_file("k", io.BytesIO(os.urandom(9 * MiB)))
+
+
+def test_a_stream_the_client_drops_keeps_its_durable_prefix(server: RunningServer) -> None:
+    data = os.urandom(6 * MiB)
+    channel, stub = _stub(server)
+    sent_enough = threading.Event()
+    release = threading.Event()
+
+    def messages() -> Iterator[pb.UploadRequest]:
+        for number, message in enumerate(_pieces(upload_id, data, 0, finish=False)):
+            yield message
+            if number == 4:
+                sent_enough.set()
+                release.wait(30)  # never finishes: the client drops the call instead
+
+    with channel:
+        upload_id = stub.StartUpload(pb.StartUploadRequest(spec=pb.UploadSpec(key="dropped"))).upload_id
+        call = stub.Upload.future(messages())
+        assert sent_enough.wait(30)
+        # Once the server holds the five messages, drop the connection as a crashed client would.
+        while (writer := server.server.sessions.writers.get(upload_id)) is None or writer.size < 5 * MiB:
+            assert not call.done(), call.exception()
+            threading.Event().wait(0.01)
+        call.cancel()
+        release.set()
+        while upload_id in server.server.sessions.writers:  # the server notices and ends the stream
+            threading.Event().wait(0.01)
+        # Whatever happened to the connection, every whole chunk received became durable.
+        assert stub.QueryUpload(pb.QueryUploadRequest(upload_id=upload_id)).persisted_size == 5 * MiB
+        persisted = 5 * MiB
+        done = stub.Upload(_pieces(upload_id, data, persisted, finish=True))
+        assert done.object.checksums.sha256 == hashlib.sha256(data).digest()
