@@ -92,6 +92,8 @@ class UploadSessions:
         """Opens a session; returns its id and expiry time (ns)."""
         engine = self.engine
         engine._validate_write(caller, spec)
+        if spec.declared_size is not None:
+            engine._check_room(caller.namespace, spec, spec.declared_size)
         upload_id = new_upload_id()
         now = engine.clock()
         record = rec.UploadSessionRecord(
@@ -298,6 +300,8 @@ class ResumableUpload(UploadWriter):
             record.chunks.extend(new)
             record.persisted_size = size
             record.crc32c = crc
+            # An upload that makes progress does not expire: the lifetime counts from its last checkpoint.
+            record.expire_time_ns = max(record.expire_time_ns, engine.clock() + engine.config.upload_session_ttl_ns)
             txn.put(schema.UPLOADS, upload_id.encode(), record.SerializeToString())
             return None, []
 

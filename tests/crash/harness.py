@@ -70,7 +70,7 @@ class Session:
 class CrashHarness:
     def __init__(self, workdir: Path, *, seed: int, writers: int = 3, keys_per_writer: int = 6) -> None:
         self.data_dir = workdir / "data"
-        self.server = ServerProcess(self.data_dir, extra_args=("--chunk-size", str(SERVER_CHUNK)))
+        self.server = ServerProcess(self.data_dir, chunk_size=SERVER_CHUNK)
         self.rng = random.Random(seed)
         self.seed = seed
         self.writer_keys = [[f"w{w}/k{i}" for i in range(keys_per_writer)] for w in range(writers)]

@@ -65,7 +65,7 @@ def test_a_corrupt_chunk_is_data_loss_over_grpc_and_scrub_reports_it(server: Run
     assert report.corrupt == [digest]
     assert report.affected_keys() == ["default/data/victim"]
     result = _scrub_cli(server.data_dir)
-    assert result.returncode == 1, result.stdout
+    assert result.returncode == 9, result.stdout  # the CLI's exit code for data loss
     assert f"corrupt chunk {digest}, used by: default/data/victim" in result.stdout
 
 
@@ -81,7 +81,7 @@ def test_scrub_reports_a_missing_chunk_and_passes_on_an_intact_store(server: Run
     with pytest.raises(DataLossError, match="missing"):
         storage.get("a/two")
     result = _scrub_cli(server.data_dir, "--json")
-    assert result.returncode == 1
+    assert result.returncode == 9
     report = json.loads(result.stdout)
     assert report["missing"] == [digest]
     assert report["affected"] == {digest: ["default/data/a/two"]}

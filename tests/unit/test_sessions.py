@@ -42,11 +42,15 @@ def test_an_expired_session_is_reaped_with_its_chunks(tmp_path: Path, clock: Fak
         sessions = UploadSessions(engine)
         upload_id, expire_ns = run(sessions.start(ANONYMOUS, UploadSpec("k")))
         assert expire_ns == clock() + engine.config.upload_session_ttl_ns
+        ttl_s = engine.config.upload_session_ttl_ns / 1e9
+        clock.advance(ttl_s / 2)
         assert run(_send(sessions, upload_id, 0, os.urandom(3 * CHUNK + 10))) == 3 * CHUNK
         assert len(_chunk_files(tmp_path)) == 3
         assert engine.usage(ANONYMOUS.namespace).open_uploads == 1
+        clock.advance(ttl_s / 2 + 1)  # past the first expiry, but the session made progress since
         assert run(sessions.reap_expired()) == 0
-        clock.advance(engine.config.upload_session_ttl_ns / 1e9)
+        assert sessions.query(ANONYMOUS, upload_id).persisted_size == 3 * CHUNK
+        clock.advance(ttl_s / 2)
         with pytest.raises(errors.UploadNotFound):
             sessions.query(ANONYMOUS, upload_id)
         assert run(sessions.reap_expired()) == 1
