@@ -47,6 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the backend pair the engine and server fixtures use: file-lmdb (embedded) or s3pg "
         "(S3 chunk store on Ceph's RADOS Gateway + PostgreSQL index, both started on loopback by the tests)",
     )
+    parser.addoption("--soak", action="store_true", help="run the long versions of the crash tests (make soak)")
+    parser.addoption("--crash-rounds", type=int, default=None, help="kill/restart rounds of the crash harness")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -258,9 +260,3 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
 def storage(server: RunningServer) -> Iterator[Storage]:
     with server.client() as client:
         yield client
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("blobstore")
-    group.addoption("--soak", action="store_true", help="run the long versions of the crash tests (make soak)")
-    group.addoption("--crash-rounds", type=int, default=None, help="kill/restart rounds of the crash harness")

@@ -14,6 +14,9 @@ from blobstore.client import ResourceExhaustedError
 from blobstore.server.scrub import scrub
 from tests.conftest import start_server, stop_server
 
+# Chunk files, a small file system and server subprocesses on their own data dir: the file-lmdb pass only.
+pytestmark = pytest.mark.file_store
+
 KiB = 1 << 10
 MiB = 1 << 20
 

@@ -14,6 +14,9 @@ from blobstore.client import DataLossError, Storage
 from blobstore.server.scrub import ScrubReport, scrub
 from tests.conftest import RunningServer
 
+# Chunk files, a small file system and server subprocesses on their own data dir: the file-lmdb pass only.
+pytestmark = pytest.mark.file_store
+
 KiB = 1 << 10
 
 

@@ -13,6 +13,9 @@ import pytest
 from blobstore.client import PreconditionError, Storage
 from tests.procserver import ServerProcess
 
+# Chunk files, a small file system and server subprocesses on their own data dir: the file-lmdb pass only.
+pytestmark = pytest.mark.file_store
+
 MiB = 1 << 20
 
 

@@ -22,6 +22,9 @@ from blobstore.v1 import storage_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.procserver import ServerProcess
 
+# Chunk files, a small file system and server subprocesses on their own data dir: the file-lmdb pass only.
+pytestmark = pytest.mark.file_store
+
 MiB = 1 << 20
 
 
