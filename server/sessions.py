@@ -39,6 +39,10 @@ from blobstore.server.model import Caller, ObjectInfo, StorageType, UploadSpec
 
 log = logging.getLogger(__name__)
 
+# A stream silent this long makes everything it received durable, a partial chunk included:
+# a client that stalls (or dies without closing) loses at most what was still on the wire.
+IDLE_CHECKPOINT_S = 1.0
+
 
 @dataclass(frozen=True)
 class SessionStatus:
@@ -257,6 +261,42 @@ class ResumableUpload(UploadWriter):
         self._crc_at: dict[int, int] = {self._hashed: record.crc32c}
         self._checkpoint_task: asyncio.Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        # Serializes write() with the idle flush, which also touches the buffer and the pipeline.
+        self._lock = asyncio.Lock()
+        self._idle: asyncio.TimerHandle | None = None
+        self._quiet_now = False
+
+    async def write(self, offset: int, data: bytes, *, known_crc32c: int | None = None) -> None:
+        async with self._lock:
+            await super().write(offset, data, known_crc32c=known_crc32c)
+        if not self._quiet_now:
+            if self._idle is not None:
+                self._idle.cancel()
+            self._idle = asyncio.get_running_loop().call_later(IDLE_CHECKPOINT_S, self._on_idle)
+
+    def _quiet(self) -> None:
+        """No more idle flushes: the stream is finishing or closing."""
+        self._quiet_now = True
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if not self._quiet_now and self._checkpoint_task is None:
+            self._checkpoint_task = asyncio.ensure_future(self._flush_and_checkpoint())
+
+    async def _flush_and_checkpoint(self) -> None:
+        async with self._lock:
+            if self._quiet_now:
+                return
+            if self._buffer:
+                chunk, self._buffer = bytes(self._buffer), bytearray()
+                await self._store(chunk)
+            await self._drain()
+            if self._hash_tail is not None:
+                await self._hash_tail
+        await self._checkpoint()
 
     def _hash_chunk(self, chunk: bytes) -> None:
         super()._hash_chunk(chunk)
@@ -311,6 +351,7 @@ class ResumableUpload(UploadWriter):
             del self._crc_at[done]
 
     async def finish(self, *, crc32c_expected: int | None = None, sha256_expected: bytes | None = None) -> ObjectInfo:
+        self._quiet()
         await self._await_checkpoint()
         info = await super().finish(crc32c_expected=crc32c_expected, sha256_expected=sha256_expected)
         self.persisted_size = info.size
@@ -351,7 +392,14 @@ class ResumableUpload(UploadWriter):
     async def _close(self) -> None:
         # After finish was tried, the hasher may have seen bytes that are not in the session.
         hasher_usable = not self._done
+        self._quiet()
         self._done = True
+        checkpoint_failed = False
+        try:
+            await self._await_checkpoint()  # first: an idle flush may be using the pipeline
+        except BaseException:
+            checkpoint_failed = True
+            log.info("upload session %s: a checkpoint failed", self.upload_id, exc_info=True)
         pending, self._pending = self._pending, []
         failed = False
         for stored, hashed in pending:
@@ -370,11 +418,7 @@ class ResumableUpload(UploadWriter):
             except BaseException:
                 failed = True
         keep_hasher = False
-        try:
-            await self._await_checkpoint()
-        except BaseException:
-            log.info("upload session %s: a checkpoint failed", self.upload_id, exc_info=True)
-        else:
+        if not checkpoint_failed:
             try:
                 await self._checkpoint()
                 keep_hasher = hasher_usable and not failed and self._hashed == self._persisted == len(self._refs)
