@@ -364,8 +364,12 @@ class ResumableUpload(UploadWriter):
         engine, caller, upload_id = self.engine, self.caller, self.upload_id
         commit_object = super()._commit_transaction(draft)
 
+        base = self.persisted_size
+
         def op(txn: IndexWriter) -> tuple[rec.ObjectRecord, list[bytes]]:
             record = self.sessions._load_open(txn, caller, upload_id)
+            if record.persisted_size != base:  # another replica's writer moved it meanwhile
+                raise errors.Aborted(f"upload session {upload_id!r} was advanced by another writer")
             # The object takes its references first, so chunks it shares with the session never drop to zero.
             committed, released = commit_object(txn)
             released += engine._decref(txn, record.chunks)
