@@ -19,6 +19,7 @@ import google_crc32c
 import grpc
 
 from blobstore.client import errors
+from blobstore.client.transfer import DEFAULT_WINDOW, UploadSource, remaining_size
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
@@ -44,6 +45,8 @@ _LABELS = {number: label for label, number in STORAGE_TYPES.items()}
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+T = TypeVar("T")
 
 PathOrFile = Union[str, "os.PathLike[str]", IO[Any]]
 M = TypeVar("M", pb.GetRequest, pb.DownloadRequest, pb.StatRequest, pb.DeleteRequest)
@@ -320,7 +323,7 @@ class DownloadState:
     def retry_delay(self, exc: grpc.RpcError) -> float:
         """How long to wait before resuming after `exc`; raises it translated when it is final."""
         error = errors.from_rpc_error(exc)
-        if error.code not in RETRYABLE or self.attempt >= self.retries or self.info is None:
+        if not transient(error) or self.attempt >= self.retries or self.info is None:
             raise error from None
         self.attempt += 1
         return float(min(8.0, 0.2 * 2**self.attempt) * (0.5 + random.random()))
@@ -350,12 +353,18 @@ class _Client:
         timeout: float | None = 60.0,
         retries: int = 5,
         chunk_size: int = CHUNK_SIZE,
+        resumable_threshold: int = 8 << 20,
+        resume_window: int = DEFAULT_WINDOW,
     ) -> None:
         self.address = address or os.environ.get("BLOBSTORE_ADDRESS") or DEFAULT_ADDRESS
         self.token = token if token is not None else os.environ.get("BLOBSTORE_TOKEN")
         self.timeout = timeout
         self.retries = retries
         self.chunk_size = chunk_size
+        # set_file sends larger files, and streams of unknown size, through resumable sessions.
+        self.resumable_threshold = resumable_threshold
+        # How many of its last bytes a non-seekable stream keeps for resuming (see blobstore.client.transfer).
+        self.resume_window = resume_window
         ca_file = os.environ.get("BLOBSTORE_CA_CERT")
         if root_certificates is None and ca_file:
             with open(ca_file, "rb") as fobj:
@@ -595,21 +604,189 @@ class Storage(_Client):
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
         if_generation_match: int | None = None,
+        upload_id: str | None = None,
         progress: Progress | None = None,
     ) -> ObjectInfo:
         """Uploads a file (a path or a file object) in constant memory.
 
-        `progress`, if given, is called with the size of each piece sent.
+        Files larger than `resumable_threshold`, and streams of unknown size, go
+        through a resumable session: after a transient failure (UNAVAILABLE,
+        DEADLINE_EXCEEDED, a reset connection) the upload waits with backoff,
+        asks the server how much it persisted and continues from there. A
+        non-seekable stream can only resume from bytes it still holds in memory
+        (see blobstore.client.transfer). Pass `upload_id` (from start_upload) to
+        continue a session begun earlier, from the file's start. `progress`, if
+        given, is called with the size of each piece sent (pieces sent again
+        after a resume count again).
         """
-        encoder = UploadEncoder(upload_spec(key, storage_type, content_type, metadata, if_generation_match), progress)
-        with _open_for_reading(file) as fobj, _translated():
-            response = self._stub.Upload(self._upload_messages(encoder, fobj), metadata=self._metadata, timeout=None)
-        return ObjectInfo.from_pb(response.object)
+        spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
+        with _open_for_reading(file) as fobj:
+            source = UploadSource(fobj, window=self.resume_window)
+            size = remaining_size(fobj)
+            if upload_id is None and size is not None and size <= self.resumable_threshold:
+                return self._upload_in_one_stream(spec, source, progress)
+            if upload_id is not None:
+                return self._upload_session(upload_id, source, progress)
+            upload_id = self._retrying(lambda: self._start_session(spec))
+            try:
+                return self._upload_session(upload_id, source, progress)
+            except errors.StorageError as error:
+                if not transient(error):
+                    # It cannot succeed (full disk, bad checksum...): free what the session holds on the server.
+                    try:
+                        self.cancel_upload(upload_id)
+                    except errors.StorageError:
+                        pass
+                raise
 
-    def _upload_messages(self, encoder: UploadEncoder, fobj: BinaryIO) -> Iterator[pb.UploadRequest]:
-        while data := fobj.read(self.chunk_size):
-            yield encoder.piece(data)
-        yield encoder.finish()
+    def _upload_in_one_stream(self, spec: pb.UploadSpec, source: UploadSource, progress: Progress | None) -> ObjectInfo:
+        # Without a precondition a repeated upload is harmless, so a small file simply starts over.
+        attempts = self.retries if not spec.HasField("if_generation_match") else 0
+        for attempt in range(attempts + 1):
+            with source.lock:
+                source.rewind(0)
+                generation = source.generation
+            try:
+                response = self._stub.Upload(
+                    self._upload_messages(source, generation, progress, spec=spec),
+                    metadata=self._metadata,
+                    timeout=None,
+                )
+                return ObjectInfo.from_pb(response.object)
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+                if not transient(error) or attempt >= attempts:
+                    raise error from None
+                backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _upload_session(self, upload_id: str, source: UploadSource, progress: Progress | None) -> ObjectInfo:
+        attempt = 0
+        persisted = -1
+        while True:
+            try:
+                status = self.query_upload(upload_id)
+                if status.object is not None:
+                    return status.object
+                if status.persisted_size > persisted:
+                    attempt = 0  # progress since the last failure: the retry budget starts over
+                persisted = status.persisted_size
+                with source.lock:
+                    if not source.rewind(persisted):
+                        raise errors.StorageError(
+                            f"cannot resume upload {upload_id}: the server persisted {persisted} bytes and the "
+                            "source cannot produce the bytes from there (a non-seekable stream keeps only its "
+                            f"last {self.resume_window} bytes; a seekable one may be shorter than that)",
+                            reason="CANNOT_RESUME",
+                        )
+                    generation = source.generation
+                response = self._stub.Upload(
+                    self._upload_messages(source, generation, progress, upload_id=upload_id),
+                    metadata=self._metadata,
+                    timeout=None,
+                )
+                return ObjectInfo.from_pb(response.object)
+            except (grpc.RpcError, errors.StorageError) as exc:
+                error = errors.from_rpc_error(exc) if isinstance(exc, grpc.RpcError) else exc
+                # ABORTED: the server has not yet noticed that our previous stream died.
+                retry = transient(error) or error.code == grpc.StatusCode.ABORTED
+                if not retry or attempt >= self.retries:
+                    raise error from None
+                backoff(attempt)
+                attempt += 1
+
+    def _upload_messages(
+        self,
+        source: UploadSource,
+        generation: int,
+        progress: Progress | None,
+        *,
+        spec: pb.UploadSpec | None = None,
+        upload_id: str = "",
+    ) -> Iterator[pb.UploadRequest]:
+        first = True
+        while True:
+            with source.lock:
+                if source.generation != generation:
+                    return  # a retry took over this source
+                offset = source.offset
+                data = source.read(self.chunk_size)
+                crc, sha = source.crc, source.sha.digest()
+            message = pb.UploadRequest(write_offset=offset, data=data)
+            if data:
+                message.crc32c = google_crc32c.value(data)
+            else:
+                message.finish_write = True
+                message.object_checksums.crc32c = crc
+                message.object_checksums.sha256 = sha
+            if first:
+                if upload_id:
+                    message.upload_id = upload_id
+                elif spec is not None:
+                    message.spec.CopyFrom(spec)
+                first = False
+            yield message
+            if not data:
+                return
+            if progress is not None:
+                progress(len(data))
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except errors.StorageError as error:
+                if not transient(error) or attempt >= self.retries:
+                    raise
+                backoff(attempt)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ resumable sessions
+
+    def start_upload(
+        self,
+        key: str,
+        storage_type: str = "data",
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        if_generation_match: int | None = None,
+        size: int | None = None,
+    ) -> str:
+        """Opens a resumable upload session on the server; returns its id (see set_file's upload_id)."""
+        spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
+        if size is not None:
+            spec.size = size
+        return self._start_session(spec)
+
+    def _start_session(self, spec: pb.UploadSpec) -> str:
+        with _translated():
+            response = self._stub.StartUpload(
+                pb.StartUploadRequest(spec=spec), timeout=self.timeout, metadata=self._metadata
+            )
+        upload_id: str = response.upload_id
+        return upload_id
+
+    def query_upload(self, upload_id: str) -> UploadStatus:
+        """How many bytes of a session the server holds durably, and the object once committed."""
+
+        def query() -> pb.QueryUploadResponse:
+            with _translated():
+                response: pb.QueryUploadResponse = self._stub.QueryUpload(
+                    pb.QueryUploadRequest(upload_id=upload_id), timeout=self.timeout, metadata=self._metadata
+                )
+            return response
+
+        response = self._retrying(query)
+        committed = ObjectInfo.from_pb(response.object) if response.HasField("object") else None
+        return UploadStatus(response.persisted_size, committed)
+
+    def cancel_upload(self, upload_id: str) -> None:
+        """Abandons a session; the server frees what it stored."""
+        with _translated():
+            self._stub.CancelUpload(
+                pb.CancelUploadRequest(upload_id=upload_id), timeout=self.timeout, metadata=self._metadata
+            )
 
     def get_file(
         self, key: str, file: PathOrFile, storage_type: str = "data", *, progress: Progress | None = None
@@ -735,6 +912,31 @@ def _as_bytes(value: str | bytes | bytearray | memoryview) -> tuple[bytes, str |
 
 def _item(error: pb.ItemError) -> tuple[int, str, str]:
     return error.code, error.message, error.reason
+
+
+@dataclass(frozen=True)
+class UploadStatus:
+    persisted_size: int
+    # Set once the session has committed.
+    object: ObjectInfo | None = None
+
+
+# Status details that mean the connection broke under a call (grpc reports some as INTERNAL/UNKNOWN).
+_RESET_MARKERS = ("rst_stream", "connection reset", "socket closed", "broken pipe", "stream removed")
+
+
+def transient(error: errors.StorageError) -> bool:
+    """Whether a transfer should wait and resume after `error` rather than fail."""
+    if error.code in RETRYABLE:
+        return True
+    if error.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        details = error.message.lower()
+        return any(marker in details for marker in _RESET_MARKERS)
+    return False
+
+
+def backoff(attempt: int) -> None:
+    time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
 
 
 @contextmanager

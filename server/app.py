@@ -25,6 +25,7 @@ from blobstore.server.logs import LogFormat
 from blobstore.server.metrics import Metrics, TelemetryInterceptor, instrument_http_app
 from blobstore.server.quotas import RateLimiter
 from blobstore.server.service import ErrorInterceptor, StorageServicer
+from blobstore.server.sessions import UploadSessions
 from blobstore.server.signing import UrlSigner, load_secrets
 from blobstore.server.tls import TlsFiles
 from blobstore.v1 import storage_pb2 as pb
@@ -62,6 +63,8 @@ class ServerConfig:
     # PEM certificate chain and private key: TLS on every listener when both are set.
     tls_cert: str = ""
     tls_key: str = ""
+    # Written with the bound gRPC port once serving (for port 0 and supervisors).
+    port_file: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Where chunks and the index live: file + lmdb under data_dir, or (for replicas sharing
     # one store) s3 + postgres, configured in the [s3] and [postgres] sections.
@@ -104,11 +107,13 @@ class BlobstoreServer:
             RateLimiter(self.engine.clock),
             anonymous_allowed=config.allow_anonymous or is_loopback(config.host),
         )
+        self.sessions = UploadSessions(self.engine)
         self.servicer = StorageServicer(
             self.engine,
             resolve_caller=lambda context: self.authenticator.caller_for(context.invocation_metadata() or ()),
             max_message_bytes=config.max_message_bytes,
             url_signer=self.signer,
+            sessions=self.sessions,
         )
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -171,6 +176,8 @@ class BlobstoreServer:
             raise
         for service in ("", STORAGE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.port_file:
+            _write_atomically(self.config.port_file, f"{self.ports['grpc']}\n")
         self._background.append(asyncio.create_task(self._reap_forever()))
         log.info("blobstore serving gRPC on %s (data in %s)", self.address, os.path.abspath(self.config.data_dir))
         log.info("blobstore serving signed URLs over HTTP on port %d as %s", self.ports["http"], self.signer.base_url)
@@ -197,6 +204,7 @@ class BlobstoreServer:
                 while await self.engine.reap_expired() > 0:
                     pass
                 await asyncio.get_running_loop().run_in_executor(None, self.engine.sweep_leases)
+                await self.sessions.reap_expired()
             except Exception:
                 log.exception("reaping expired objects failed; will try again")
 
@@ -225,6 +233,13 @@ class BlobstoreServer:
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 async def create_server(config: ServerConfig, engine: Engine | None = None) -> tuple[BlobstoreServer, dict[str, int]]:

@@ -76,7 +76,7 @@ class BackendConfig:
             raise ValueError(f"index must be one of {', '.join(INDEXES)}, not {self.index!r}")
 
 
-def open_index(data_dir: str, config: BackendConfig) -> Index:
+def open_index(data_dir: str, config: BackendConfig, *, map_size: int | None = None) -> Index:
     config.validate()
     if config.index == "postgres":
         from blobstore.server.pgindex import PostgresIndex
@@ -84,7 +84,7 @@ def open_index(data_dir: str, config: BackendConfig) -> Index:
         return PostgresIndex(config.postgres)
     from blobstore.server.index import LmdbIndex
 
-    return LmdbIndex(os.path.join(data_dir, "index"))
+    return LmdbIndex(os.path.join(data_dir, "index"), map_size=map_size or LmdbIndex.DEFAULT_MAP_SIZE)
 
 
 def open_chunk_store(data_dir: str, config: BackendConfig) -> ChunkStore:
@@ -115,7 +115,7 @@ def open_backend_engine(
         )
         backends.s3.max_connections = max(backends.s3.max_connections, config.io_threads + 8)
     os.makedirs(data_dir, exist_ok=True)
-    index = open_index(data_dir, backends)
+    index = open_index(data_dir, backends, map_size=config.index_map_size)
     try:
         chunks = open_chunk_store(data_dir, backends)
     except BaseException:

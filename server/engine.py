@@ -64,6 +64,10 @@ class EngineConfig:
     max_unary_value: int = 1 << 20
     tmp_ttl_ns: int = 7 * NS_PER_DAY
     upload_session_ttl_ns: int = 7 * NS_PER_DAY
+    # A resumable session makes its progress durable every this many chunks (and when its stream ends).
+    session_checkpoint_chunks: int = 16
+    # Address space of the LMDB index (None: the backend's default); writes past it fail RESOURCE_EXHAUSTED.
+    index_map_size: int | None = None
     default_page_size: int = 1000
     max_page_size: int = 10_000
     max_batch_entries: int = 1000
@@ -608,19 +612,23 @@ class Engine:
         validate_key(key)
         self._check_readable(caller, storage_type)
         okey = schema.object_key(caller.namespace, storage_type, key)
-        with self.index.reader() as r:
-            record = self._read_record(r, okey)
-        if record is None:
-            raise self._not_found(key, storage_type)
-        self._check_generation(key, record, generation)
-        if record.size > self.config.max_unary_value:
-            raise errors.ObjectTooLargeForUnary(
-                f"object {key!r} is {record.size} bytes; Get returns at most "
-                f"{self.config.max_unary_value}: use Download"
-            )
-        if not record.chunks:
-            return self._info(key, storage_type, record), bytes(record.inline_data)
-        record = self._pin_record(okey, key, storage_type, record.generation)
+        while True:
+            with self.index.reader() as r:
+                record = self._read_record(r, okey)
+            if record is None:
+                raise self._not_found(key, storage_type)
+            self._check_generation(key, record, generation)
+            if record.size > self.config.max_unary_value:
+                raise errors.ObjectTooLargeForUnary(
+                    f"object {key!r} is {record.size} bytes; Get returns at most "
+                    f"{self.config.max_unary_value}: use Download"
+                )
+            if not record.chunks:
+                return self._info(key, storage_type, record), bytes(record.inline_data)
+            pinned = self._pin_unless_replaced(okey, key, storage_type, record, generation)
+            if pinned is not None:
+                record = pinned
+                break
         try:
             parts = [await self._run(self._read_chunk, ref) for ref in record.chunks]
         finally:
@@ -679,6 +687,17 @@ class Engine:
             raise errors.GenerationMismatch(
                 f"object {key!r} is now at generation {record.generation}, not {generation}: it changed"
             )
+
+    def _pin_unless_replaced(
+        self, okey: bytes, key: str, storage_type: StorageType, record: rec.ObjectRecord, wanted: int | None
+    ) -> rec.ObjectRecord | None:
+        """Pins `record`; None if a newer version replaced it first and the caller wants whatever is current."""
+        try:
+            return self._pin_record(okey, key, storage_type, record.generation)
+        except errors.GenerationMismatch:
+            if wanted is not None:
+                raise
+            return None
 
     def _pin_record(self, okey: bytes, key: str, storage_type: StorageType, generation: int) -> rec.ObjectRecord:
         """Pins the chunks of generation `generation` of a key, or raises if it is gone."""
@@ -741,16 +760,21 @@ class Engine:
         if offset < 0 or limit < 0:
             raise errors.InvalidArgument("read_offset and read_limit must not be negative")
         okey = schema.object_key(caller.namespace, storage_type, key)
-        with self.index.reader() as r:
-            record = self._read_record(r, okey)
-        if record is None:
-            raise self._not_found(key, storage_type)
-        self._check_generation(key, record, generation)
-        if offset > record.size:
-            raise errors.OutOfRange(f"read_offset {offset} is past the end of {key!r} ({record.size} bytes)")
-        end = record.size if limit == 0 else min(record.size, offset + limit)
-        if record.chunks:
-            record = self._pin_record(okey, key, storage_type, record.generation)
+        while True:
+            with self.index.reader() as r:
+                record = self._read_record(r, okey)
+            if record is None:
+                raise self._not_found(key, storage_type)
+            self._check_generation(key, record, generation)
+            if offset > record.size:
+                raise errors.OutOfRange(f"read_offset {offset} is past the end of {key!r} ({record.size} bytes)")
+            end = record.size if limit == 0 else min(record.size, offset + limit)
+            if not record.chunks:
+                break
+            pinned = self._pin_unless_replaced(okey, key, storage_type, record, generation)
+            if pinned is not None:
+                record = pinned
+                break
         return Download(self, self._info(key, storage_type, record), record, ByteRange(offset, end, record.size))
 
     # ------------------------------------------------------------------ listing
@@ -977,6 +1001,10 @@ class UploadWriter:
             await self._store(piece)
         if view:
             self._buffer += view
+        await self._after_write()
+
+    async def _after_write(self) -> None:
+        """Hook run after every write; resumable sessions checkpoint their progress here."""
 
     async def _store(self, chunk: bytes) -> None:
         self.engine._check_room(self.caller.namespace, self.spec, self.size)
@@ -991,14 +1019,22 @@ class UploadWriter:
     async def _feed_sha(self, previous: asyncio.Future[None] | None, chunk: bytes) -> None:
         if previous is not None:
             await previous
-        await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._sha.update, chunk)
+        await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._hash_chunk, chunk)
+
+    def _hash_chunk(self, chunk: bytes) -> None:
+        """Runs on a worker thread, once per stored chunk, strictly in object order."""
+        self._sha.update(chunk)
 
     async def _drain(self, keep: int = 0) -> None:
         # Waiting for the hash step too keeps memory bounded: no chunk outlives the window.
         while len(self._pending) > keep:
-            stored, hashed = self._pending.pop(0)
-            self._refs.append(await stored)
-            await hashed
+            stored, hashed = self._pending[0]
+            # Shielded and popped only once done: a cancelled stream (a client that went away) must not
+            # cancel chunk jobs in flight, so that abort() still sees how each of them ended.
+            ref = await asyncio.shield(stored)
+            await asyncio.shield(hashed)
+            self._pending.pop(0)
+            self._refs.append(ref)
 
     def _store_chunk(self, chunk: bytes) -> rec.ChunkRef:
         digest = hashlib.sha256(chunk).digest()
@@ -1047,9 +1083,7 @@ class UploadWriter:
                 raise errors.ChecksumMismatch("object SHA-256 differs from the client's; nothing was committed")
             if draft.chunks:
                 await engine._run(engine.chunks.sync)
-            commit = engine._submit_releasing(
-                engine._commit_op(self.caller.namespace, spec.storage_type, spec.key, draft, spec.if_generation_match)
-            )
+            commit = engine._submit_releasing(self._commit_transaction(draft))
             # The pins hold until the commit settles, whatever happens to this coroutine:
             # releasing them earlier could let garbage collection take chunks the commit references.
             self._commit_future = commit
@@ -1059,6 +1093,15 @@ class UploadWriter:
             await self.abort()
             raise
         return engine._info(spec.key, spec.storage_type, record)
+
+    def _commit_transaction(
+        self, draft: rec.ObjectRecord
+    ) -> Callable[[IndexWriter], tuple[rec.ObjectRecord, list[bytes]]]:
+        """The commit transaction; resumable sessions close their session in the same one."""
+        spec = self.spec
+        return self.engine._commit_op(
+            self.caller.namespace, spec.storage_type, spec.key, draft, spec.if_generation_match
+        )
 
     async def abort(self) -> None:
         """Frees what this upload stored; harmless after finish or a previous abort."""

@@ -107,8 +107,12 @@ class LmdbIndex:
     DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data arrives
     MAX_GROUP = 256
 
-    def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True) -> None:
-        os.makedirs(path, exist_ok=True)
+    def __init__(
+        self, path: str, *, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True, readonly: bool = False
+    ) -> None:
+        """`readonly` opens an index another process may be serving, for checks (no writer thread)."""
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
         self.path = path
         self._env = lmdb.open(
             path,
@@ -118,12 +122,16 @@ class LmdbIndex:
             readahead=False,
             sync=sync,
             metasync=sync,
+            readonly=readonly,
+            create=not readonly,
         )
-        self._dbs = {name: self._env.open_db(name.encode()) for name in schema.ALL_TABLES}
+        self._dbs = {name: self._env.open_db(name.encode(), create=not readonly) for name in schema.ALL_TABLES}
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._readonly = readonly
         self._closed = False
         self._writer = threading.Thread(target=self._run_writer, name="blobstore-index-writer", daemon=True)
-        self._writer.start()
+        if not readonly:
+            self._writer.start()
 
     @contextmanager
     def reader(self) -> Iterator[IndexReader]:
@@ -134,8 +142,8 @@ class LmdbIndex:
         return self.submit_many([op])[0]
 
     def submit_many(self, ops: list[Callable[[IndexWriter], Any]]) -> list[Future[Any]]:
-        if self._closed:
-            raise errors.Unavailable("the index is closed")
+        if self._closed or self._readonly:
+            raise errors.Unavailable("the index is closed" if self._closed else "the index was opened read-only")
         jobs: list[_Job] = [(op, Future()) for op in ops]
         self._queue.put(jobs)
         return [future for _, future in jobs]
@@ -163,8 +171,9 @@ class LmdbIndex:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
-        self._writer.join()
+        if not self._readonly:
+            self._queue.put(_STOP)
+            self._writer.join()
         self._env.close()
 
     def stat(self) -> dict[str, int]:

@@ -18,6 +18,7 @@ from blobstore.server import errors, status
 from blobstore.server.convert import object_to_pb, optional_int, signed_url_method, storage_type, upload_spec
 from blobstore.server.engine import Engine, UploadWriter
 from blobstore.server.model import ANONYMOUS, BatchEntry, Caller
+from blobstore.server.sessions import ResumableUpload, UploadSessions
 from blobstore.server.signing import UrlSigner
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
@@ -44,9 +45,11 @@ class StorageServicer(pb_grpc.StorageServicer):
         resolve_caller: CallerResolver = _anonymous,
         max_message_bytes: int,
         url_signer: UrlSigner | None = None,
+        sessions: UploadSessions | None = None,
     ) -> None:
         self.engine = engine
         self._url_signer = url_signer
+        self.sessions = sessions or UploadSessions(engine)
         self._caller = resolve_caller
         self._max_message_bytes = max_message_bytes
         # Set when the shutdown grace period is over: streams still running stop with UNAVAILABLE.
@@ -88,7 +91,7 @@ class StorageServicer(pb_grpc.StorageServicer):
                 if finish is not None:
                     raise errors.InvalidArgument("message after finish_write; nothing was committed")
                 if writer is None:
-                    writer = self._open_upload(caller, request)
+                    writer = await self._open_upload(caller, request)
                 elif request.WhichOneof("first_message") is not None:
                     raise errors.InvalidArgument("spec and upload_id belong in the first message only")
                 if request.data:
@@ -111,6 +114,8 @@ class StorageServicer(pb_grpc.StorageServicer):
             if writer is None:
                 raise errors.InvalidArgument("empty upload stream: the first message must carry a spec")
             if finish is None:
+                if isinstance(writer, ResumableUpload):
+                    return pb.UploadResponse(persisted_size=await writer.suspend())
                 raise errors.InvalidArgument("the stream ended without finish_write; nothing was committed")
             checksums = finish.object_checksums
             info = await writer.finish(
@@ -122,12 +127,12 @@ class StorageServicer(pb_grpc.StorageServicer):
             if writer is not None:
                 await writer.abort()
 
-    def _open_upload(self, caller: Caller, request: pb.UploadRequest) -> UploadWriter:
+    async def _open_upload(self, caller: Caller, request: pb.UploadRequest) -> UploadWriter:
         first = request.WhichOneof("first_message")
         if first == "spec":
             return self.engine.new_upload(caller, upload_spec(request.spec))
         if first == "upload_id":
-            raise errors.UploadNotFound(f"no upload session {request.upload_id!r}")
+            return await self.sessions.open(caller, request.upload_id)
         raise errors.InvalidArgument("the first Upload message must carry a spec or an upload_id")
 
     async def Download(self, request: pb.DownloadRequest, context: Context) -> AsyncIterator[pb.DownloadResponse]:
@@ -188,15 +193,24 @@ class StorageServicer(pb_grpc.StorageServicer):
             next_page_token=page.next_page_token,
         )
 
-    # Contract methods whose implementation has not landed yet answer UNIMPLEMENTED.
     async def StartUpload(self, request: pb.StartUploadRequest, context: Context) -> pb.StartUploadResponse:
-        raise errors.Unimplemented("resumable upload sessions are not available yet")
+        upload_id, expire_ns = await self.sessions.start(self._caller(context), upload_spec(request.spec))
+        response = pb.StartUploadResponse(upload_id=upload_id)
+        response.expire_time.FromNanoseconds(expire_ns)
+        return response
 
     async def QueryUpload(self, request: pb.QueryUploadRequest, context: Context) -> pb.QueryUploadResponse:
-        raise errors.Unimplemented("resumable upload sessions are not available yet")
+        state = self.sessions.query(self._caller(context), request.upload_id)
+        response = pb.QueryUploadResponse(persisted_size=state.persisted_size)
+        if state.object is not None:
+            response.object.CopyFrom(object_to_pb(state.object))
+        return response
 
     async def CancelUpload(self, request: pb.CancelUploadRequest, context: Context) -> pb.CancelUploadResponse:
-        raise errors.Unimplemented("resumable upload sessions are not available yet")
+        await self.sessions.cancel(self._caller(context), request.upload_id)
+        return pb.CancelUploadResponse()
+
+    # Contract methods whose implementation has not landed yet answer UNIMPLEMENTED.
 
     async def CreateSignedUrl(self, request: pb.CreateSignedUrlRequest, context: Context) -> pb.CreateSignedUrlResponse:
         if self._url_signer is None:

@@ -47,6 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the backend pair the engine and server fixtures use: file-lmdb (embedded) or s3pg "
         "(S3 chunk store on Ceph's RADOS Gateway + PostgreSQL index, both started on loopback by the tests)",
     )
+    parser.addoption("--soak", action="store_true", help="run the long versions of the crash tests (make soak)")
+    parser.addoption("--crash-rounds", type=int, default=None, help="kill/restart rounds of the crash harness")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,0 +1,170 @@
+"""The client side of resumable uploads: a source of bytes that can go back to an earlier offset.
+
+After a failure the server says how many bytes it persisted (QueryUpload); the
+upload continues from exactly there, so the source must be able to produce the
+bytes from that offset again, together with the CRC32C and SHA-256 of
+everything before it (the whole-object checksums sent at the end).
+
+The rule for what can resume:
+
+* A seekable file (a path, an open regular file, BytesIO) resumes from any
+  offset: it seeks back to the nearest checksum snapshot (one every
+  `SEEKABLE_SNAPSHOT_BYTES`) and re-reads at most that much to rebuild the
+  checksums.
+* A non-seekable stream (a pipe, a socket, a generator-backed reader) keeps
+  only its last `window` bytes in memory. It resumes only if the server's
+  persisted size is inside that window; otherwise the upload fails with the
+  original error. The server persists every 16 chunks by default, so a window
+  of 32 MiB covers its lag with the default 1 MiB chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import IO, Any
+
+import google_crc32c
+
+SEEKABLE_SNAPSHOT_BYTES = 8 << 20
+DEFAULT_WINDOW = 32 << 20
+
+# Anything with read() (and maybe seek()): open files, BytesIO, raw streams.
+Readable = IO[Any] | io.IOBase
+
+
+@dataclass
+class _Piece:
+    start: int
+    crc_before: int
+    sha_before: Any
+    # Non-seekable sources keep the bytes themselves for replay.
+    data: bytes | None = None
+
+
+def _is_seekable(fobj: Readable) -> bool:
+    try:
+        if not fobj.seekable():
+            return False
+        fobj.tell()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+def remaining_size(fobj: Readable) -> int | None:
+    """Bytes from the current position to the end, or None when that cannot be known."""
+    if not _is_seekable(fobj):
+        return None
+    position = fobj.tell()
+    end = fobj.seek(0, 2)
+    fobj.seek(position)
+    return int(end - position)
+
+
+class UploadSource:
+    """Hands out an upload's bytes in order, keeps their running checksums, and rewinds on request.
+
+    `lock` and `generation` let a retry take over from a message generator that
+    gRPC may still be draining on its own thread: a generator holds the lock
+    while it reads and stops once `generation` moved on (rewind bumps it).
+    """
+
+    def __init__(self, fobj: Readable, *, window: int = DEFAULT_WINDOW) -> None:
+        self.fobj = fobj
+        self.seekable = _is_seekable(fobj)
+        self.window = window
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.offset = 0
+        self.crc = 0
+        self.sha = hashlib.sha256()
+        self._origin = fobj.tell() if self.seekable else 0
+        self._high_water = 0
+        self._pieces: deque[_Piece] = deque()
+        self._kept = 0
+        if self.seekable:
+            self._pieces.append(_Piece(0, 0, hashlib.sha256()))
+
+    def read(self, size: int) -> bytes:
+        """The next bytes (at most `size`); b"" at the end."""
+        if self.offset < self._high_water and not self.seekable:
+            data = self._replay(size)
+        else:
+            if self.seekable and self.offset == self._high_water:
+                self._snapshot()
+            data = self.fobj.read(size)
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            if data and not self.seekable:
+                self._pieces.append(_Piece(self.offset, self.crc, self.sha.copy(), data))
+                self._kept += len(data)
+                self._trim()
+        if data:
+            self.crc = google_crc32c.extend(self.crc, data)
+            self.sha.update(data)
+            self.offset += len(data)
+            self._high_water = max(self._high_water, self.offset)
+        return bytes(data)
+
+    def _snapshot(self) -> None:
+        if self._pieces and self.offset - self._pieces[-1].start < SEEKABLE_SNAPSHOT_BYTES:
+            return
+        self._pieces.append(_Piece(self.offset, self.crc, self.sha.copy()))
+
+    def _trim(self) -> None:
+        while len(self._pieces) > 1 and self._kept - len(self._pieces[0].data or b"") >= self.window:
+            self._kept -= len(self._pieces.popleft().data or b"")
+
+    def _replay(self, size: int) -> bytes:
+        for piece in self._pieces:
+            data = piece.data or b""
+            if piece.start <= self.offset < piece.start + len(data):
+                skip = self.offset - piece.start
+                return data[skip : skip + size]
+        raise AssertionError("replay position outside the kept window")
+
+    def rewind(self, position: int) -> bool:
+        """Goes back (or forward, within what was read) to `position`; False if those bytes are gone.
+
+        Call with `lock` held.
+        """
+        # A seekable file may also skip ahead (resuming a session begun by an earlier call).
+        if position < 0 or (position > self._high_water and not self.seekable):
+            return False
+        if position == self.offset:
+            self.generation += 1
+            return True
+        base = None
+        for piece in self._pieces:
+            if piece.start > position:
+                break
+            if not self.seekable and position > piece.start + len(piece.data or b""):
+                continue
+            base = piece
+        if base is None:
+            return False
+        self.generation += 1
+        self.crc, self.sha = base.crc_before, base.sha_before.copy()
+        if self.seekable:
+            self.fobj.seek(self._origin + base.start)
+            todo = position - base.start
+            while todo:
+                data = self.fobj.read(min(todo, 1 << 20))
+                if isinstance(data, str):
+                    data = data.encode("utf-8")
+                if not data:
+                    return False  # the file is shorter than what the server holds
+                self.crc = google_crc32c.extend(self.crc, data)
+                self.sha.update(data)
+                todo -= len(data)
+            self._high_water = max(self._high_water, position)
+        else:
+            head = (base.data or b"")[: position - base.start]
+            self.crc = google_crc32c.extend(self.crc, head)
+            self.sha.update(head)
+        self.offset = position
+        return True
