@@ -3,12 +3,13 @@
 A session record (UploadSessionRecord in the `uploads` table) holds the chunks
 received so far, their total size (the persisted size) and the CRC32C of those
 bytes. Its chunks are reference-counted like an object's, so the start-up sweep
-keeps them. The persisted size only advances at a checkpoint: the chunk files
-are fdatasync'd (ChunkStore.put), their names made durable (ChunkStore.sync),
-then one index transaction appends them to the record and increments their
-reference counts. Checkpoints run every `session_checkpoint_chunks` chunks in
-the background of the stream and once more when the stream ends, so a big
-upload pays one sync and one commit per checkpoint, not per chunk.
+keeps them. The persisted size only advances at a checkpoint: the chunk
+files, bytes and names, are made durable by the store's barrier
+(ChunkStore.sync: one syncfs for the file store), then one index transaction
+appends them to the record and increments their reference counts. Checkpoints
+run every `session_checkpoint_chunks` chunks in the background of the stream
+and once more when the stream ends, so a big upload pays one sync and one
+commit per checkpoint, not per chunk.
 
 The whole-object SHA-256 cannot be serialized mid-stream: the hasher stays in
 memory while the same process continues the session, and a new process (after
