@@ -1025,6 +1025,15 @@ class UploadWriter:
         """Runs on a worker thread, once per stored chunk, strictly in object order."""
         self._sha.update(chunk)
 
+    async def _store_everything(self) -> None:
+        """Stores the partial chunk left in the buffer, then waits until every chunk is stored and hashed."""
+        if self._buffer:
+            chunk, self._buffer = bytes(self._buffer), bytearray()
+            await self._store(chunk)
+        await self._drain()
+        if self._hash_tail is not None:
+            await self._hash_tail
+
     async def _drain(self, keep: int = 0) -> None:
         # Waiting for the hash step too keeps memory bounded: no chunk outlives the window.
         while len(self._pending) > keep:
@@ -1066,12 +1075,7 @@ class UploadWriter:
                 draft.inline_data = bytes(self._buffer)
                 self._sha.update(self._buffer)
             else:
-                if self._buffer:
-                    chunk, self._buffer = bytes(self._buffer), bytearray()
-                    await self._store(chunk)
-                await self._drain()
-                if self._hash_tail is not None:
-                    await self._hash_tail
+                await self._store_everything()
                 draft.chunks.extend(self._refs)
             draft.sha256 = self._sha.digest()
             if crc32c_expected is not None and crc32c_expected != draft.crc32c:

@@ -291,12 +291,7 @@ class ResumableUpload(UploadWriter):
         async with self._lock:
             if self._quiet_now:
                 return
-            if self._buffer:
-                chunk, self._buffer = bytes(self._buffer), bytearray()
-                await self._store(chunk)
-            await self._drain()
-            if self._hash_tail is not None:
-                await self._hash_tail
+            await self._store_everything()
         await self._checkpoint()
 
     def _hash_chunk(self, chunk: bytes) -> None:
