@@ -25,6 +25,7 @@ import grpc
 from tqdm import tqdm
 
 from blobstore.client import errors
+from blobstore.client.memory import keep_freed_memory
 from blobstore.client.storage import DEFAULT_ADDRESS, STORAGE_TYPES, ObjectInfo, Progress, Storage
 
 if TYPE_CHECKING:
@@ -599,6 +600,7 @@ def serve(config_file: str | None, assignments: tuple[str, ...], **flags: Any) -
     except ConfigError as exc:
         _fail(ctx, f"configuration: {exc}", EXIT_CONFIG)
     configure_logging(config.log_level, config.log_format)
+    keep_freed_memory()  # before the server allocates its first message buffer
     try:
         asyncio.run(run(config))
     except (OSError, OpenBindRefused, TlsConfigError) as exc:

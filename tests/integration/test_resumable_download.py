@@ -62,14 +62,17 @@ def test_get_file_resumes_after_a_server_restart(process: ServerProcess) -> None
 
 
 def test_get_file_refuses_to_splice_two_versions(process: ServerProcess) -> None:
+    # Larger than what the client may hold before the interrupt: gRPC's receive window plus the
+    # pieces queued for writing, so that the first version cannot have arrived whole.
+    size = 128 * MiB
     with Storage(process.address) as storage:
-        storage.set_file("big", io.BytesIO(os.urandom(32 * MiB)))
+        storage.set_file("big", io.BytesIO(os.urandom(size)))
 
         def crash_restart_and_overwrite() -> None:
             process.kill()
             process.start()
             with Storage(process.address) as other:
-                other.set_file("big", io.BytesIO(os.urandom(32 * MiB)))
+                other.set_file("big", io.BytesIO(os.urandom(size)))
 
         sink = InterruptingSink(crash_restart_and_overwrite)
         with pytest.raises(PreconditionError, match="changed"):
