@@ -563,7 +563,7 @@ def _show_quota(data_dir: str, namespace: str) -> None:
 @click.option(
     "--http-port",
     type=int,
-    help="Port of the HTTP listener (signed URLs, /metrics) [50052; any free port when --port is 0].",
+    help="Port of the HTTP listener (signed URLs, /metrics) [--port + 1; any free port when --port is 0].",
 )
 @click.option(
     "--public-url",

@@ -42,7 +42,7 @@ class ServerConfig:
     data_dir: str = "./data"
     host: str = "127.0.0.1"
     port: int = 50051
-    # The signed-URL endpoint; None means 50052, or any free port when `port` is 0 too.
+    # The signed-URL endpoint; None means `port` + 1, or any free port when `port` is 0 too.
     http_port: int | None = None
     # Base of the URLs handed out, for a server behind a proxy: "https://blobs.example.com".
     # Default: http://{host}:{http port}.
@@ -185,7 +185,8 @@ class BlobstoreServer:
     async def _start_http(self, host: str, tls: ssl.SSLContext | None) -> None:
         port = self.config.http_port
         if port is None:
-            port = 0 if self.config.port == 0 else 50052
+            # Next to the gRPC port, so that two servers given two --port values do not collide.
+            port = 0 if self.config.port == 0 else self.config.port + 1
         await self.http.setup()
         await web.TCPSite(self.http, host, port, ssl_context=tls).start()
         self.ports["http"] = self.http.addresses[0][1]

@@ -225,7 +225,8 @@ def start_server(
         for name, value in shared.server_settings().items():
             overrides.setdefault(name, value)
         overrides.setdefault("url_signing_secrets", (SHARED_SIGNING_SECRET,))
-    config = ServerConfig(data_dir=str(data_dir), port=0, **overrides)
+    overrides.setdefault("port", 0)
+    config = ServerConfig(data_dir=str(data_dir), **overrides)
 
     async def build() -> BlobstoreServer:
         given = engine

@@ -508,3 +508,34 @@ def test_stop_throws_away_a_put_still_in_flight(tmp_path: Path) -> None:
             assert storage.stat("kept").generation == 1
     finally:
         stop_server(again)
+
+
+def _two_free_ports() -> int:
+    """A port P with P + 1 also free (at the time of asking)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_the_http_port_defaults_to_the_grpc_port_plus_one(tmp_path: Path) -> None:
+    # Two servers started with two --port values and nothing else must not fight over one HTTP port.
+    port = _two_free_ports()
+    running = start_server(tmp_path / "data", port=port)
+    try:
+        assert running.server.ports["grpc"] == port
+        assert running.server.ports["http"] == port + 1
+        with running.client() as storage:
+            storage.set("k", b"v")
+            url = storage.get_signed_url("k")
+        assert urlsplit(url).port == port + 1
+        assert requests.get(url, timeout=10).content == b"v"
+    finally:
+        stop_server(running)
