@@ -11,8 +11,8 @@ import asyncio
 import builtins
 import io
 import os
-from collections.abc import AsyncIterator, Mapping
-from typing import IO, Any, BinaryIO
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import IO, Any, BinaryIO, TypeVar
 
 import grpc
 
@@ -25,19 +25,26 @@ from blobstore.client.storage import (
     ObjectInfo,
     PathOrFile,
     Progress,
-    UploadEncoder,
+    UploadStatus,
     _Client,
     _open_for_reading,
+    backoff_delay,
+    cannot_resume,
     encode_value,
     keyed_request,
     list_request,
+    next_upload_request,
     set_request,
     signed_url_request,
+    transient,
     upload_spec,
     verify_value,
     writing_atomically,
 )
+from blobstore.client.transfer import UploadSource, remaining_size
 from blobstore.v1 import storage_pb2 as pb
+
+T = TypeVar("T")
 
 
 class AsyncStorage(_Client):
@@ -125,21 +132,153 @@ class AsyncStorage(_Client):
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
         if_generation_match: int | None = None,
+        upload_id: str | None = None,
         progress: Progress | None = None,
     ) -> ObjectInfo:
-        """Uploads a file (a path or a file object) in constant memory, reading it off the loop."""
-        encoder = UploadEncoder(upload_spec(key, storage_type, content_type, metadata, if_generation_match), progress)
-        with _open_for_reading(file) as fobj:
-            try:
-                response = await self._stub.Upload(self._upload_messages(encoder, fobj), metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise errors.from_rpc_error(exc) from None
-        return ObjectInfo.from_pb(response.object)
+        """Uploads a file (a path or a file object) in constant memory, reading it off the loop.
 
-    async def _upload_messages(self, encoder: UploadEncoder, fobj: BinaryIO) -> AsyncIterator[pb.UploadRequest]:
-        while data := await asyncio.to_thread(fobj.read, self.chunk_size):
-            yield encoder.piece(data)
-        yield encoder.finish()
+        Same behaviour as Storage.set_file: large files and streams of unknown size go
+        through a resumable session that survives transient failures, small files are
+        sent again from the start.
+        """
+        spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
+        with _open_for_reading(file) as fobj:
+            source = UploadSource(fobj, window=self.resume_window)
+            size = remaining_size(fobj)
+            if upload_id is None and size is not None and size <= self.resumable_threshold:
+                return await self._upload_in_one_stream(spec, source, progress)
+            if upload_id is not None:
+                return await self._upload_session(upload_id, source, progress)
+            upload_id = await self._retrying(lambda: self._start_session(spec))
+            try:
+                return await self._upload_session(upload_id, source, progress)
+            except errors.StorageError as error:
+                if not transient(error):
+                    try:
+                        await self.cancel_upload(upload_id)
+                    except errors.StorageError:
+                        pass
+                raise
+
+    async def _upload_in_one_stream(
+        self, spec: pb.UploadSpec, source: UploadSource, progress: Progress | None
+    ) -> ObjectInfo:
+        attempts = self.retries if not spec.HasField("if_generation_match") else 0
+        for attempt in range(attempts + 1):
+            generation = await asyncio.to_thread(self._rewind_to_start, source)
+            try:
+                response = await self._stub.Upload(
+                    self._upload_messages(source, generation, progress, spec=spec), metadata=self._metadata
+                )
+                return ObjectInfo.from_pb(response.object)
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+                if not transient(error) or attempt >= attempts:
+                    raise error from None
+                await asyncio.sleep(backoff_delay(attempt))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _rewind_to_start(source: UploadSource) -> int:
+        with source.lock:
+            source.rewind(0)
+            return source.generation
+
+    async def _upload_session(self, upload_id: str, source: UploadSource, progress: Progress | None) -> ObjectInfo:
+        attempt = 0
+        persisted = -1
+        while True:
+            try:
+                status = await self.query_upload(upload_id)
+                if status.object is not None:
+                    return status.object
+                if status.persisted_size > persisted:
+                    attempt = 0  # progress since the last failure: the retry budget starts over
+                persisted = status.persisted_size
+                generation = await asyncio.to_thread(self._rewind_to, source, upload_id, persisted)
+                response = await self._stub.Upload(
+                    self._upload_messages(source, generation, progress, upload_id=upload_id),
+                    metadata=self._metadata,
+                )
+                return ObjectInfo.from_pb(response.object)
+            except (grpc.RpcError, errors.StorageError) as exc:
+                error = errors.from_rpc_error(exc) if isinstance(exc, grpc.RpcError) else exc
+                # ABORTED: the server has not yet noticed that our previous stream died.
+                retry = transient(error) or error.code == grpc.StatusCode.ABORTED
+                if not retry or attempt >= self.retries:
+                    raise error from None
+                await asyncio.sleep(backoff_delay(attempt))
+                attempt += 1
+
+    def _rewind_to(self, source: UploadSource, upload_id: str, persisted: int) -> int:
+        with source.lock:
+            if not source.rewind(persisted):
+                raise cannot_resume(upload_id, persisted, self.resume_window)
+            return source.generation
+
+    async def _upload_messages(
+        self,
+        source: UploadSource,
+        generation: int,
+        progress: Progress | None,
+        *,
+        spec: pb.UploadSpec | None = None,
+        upload_id: str = "",
+    ) -> AsyncIterator[pb.UploadRequest]:
+        first = True
+        while message := await asyncio.to_thread(
+            next_upload_request, source, generation, self.chunk_size, first=first, spec=spec, upload_id=upload_id
+        ):
+            first = False
+            yield message
+            if message.finish_write:
+                return
+            if progress is not None:
+                progress(len(message.data))
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except errors.StorageError as error:
+                if not transient(error) or attempt >= self.retries:
+                    raise
+                await asyncio.sleep(backoff_delay(attempt))
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ resumable sessions
+
+    async def start_upload(
+        self,
+        key: str,
+        storage_type: str = "data",
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        if_generation_match: int | None = None,
+        size: int | None = None,
+    ) -> str:
+        """Opens a resumable upload session on the server; returns its id (see set_file's upload_id)."""
+        spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
+        if size is not None:
+            spec.size = size
+        return await self._start_session(spec)
+
+    async def _start_session(self, spec: pb.UploadSpec) -> str:
+        response = await self._call(self._stub.StartUpload, pb.StartUploadRequest(spec=spec))
+        upload_id: str = response.upload_id
+        return upload_id
+
+    async def query_upload(self, upload_id: str) -> UploadStatus:
+        """How many bytes of a session the server holds durably, and the object once committed."""
+        request = pb.QueryUploadRequest(upload_id=upload_id)
+        response: pb.QueryUploadResponse = await self._retrying(lambda: self._call(self._stub.QueryUpload, request))
+        committed = ObjectInfo.from_pb(response.object) if response.HasField("object") else None
+        return UploadStatus(response.persisted_size, committed)
+
+    async def cancel_upload(self, upload_id: str) -> None:
+        """Abandons a session; the server frees what it stored."""
+        await self._call(self._stub.CancelUpload, pb.CancelUploadRequest(upload_id=upload_id))
 
     async def get_file(
         self, key: str, file: PathOrFile, storage_type: str = "data", *, progress: Progress | None = None

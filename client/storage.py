@@ -256,38 +256,48 @@ def signed_url_request(key: str, storage_type: str, method: int, expires_in: int
     )
 
 
-class UploadEncoder:
-    """Turns a file's pieces into Upload messages, keeping the whole-object checksums."""
+def next_upload_request(
+    source: UploadSource,
+    generation: int,
+    chunk_size: int,
+    *,
+    first: bool,
+    spec: pb.UploadSpec | None = None,
+    upload_id: str = "",
+) -> pb.UploadRequest | None:
+    """The next Upload message from `source` (the final one carries the whole-object checksums).
 
-    def __init__(self, spec: pb.UploadSpec, progress: Progress | None = None) -> None:
-        self.spec = spec
-        self.offset = 0
-        self.progress = progress
-        self._crc = 0
-        self._sha = hashlib.sha256()
+    None when a retry has taken the source over (its generation moved on). Reads the source,
+    so the asyncio client calls it on a worker thread.
+    """
+    with source.lock:
+        if source.generation != generation:
+            return None
+        offset = source.offset
+        data = source.read(chunk_size)
+        crc, sha = source.crc, source.sha.digest()
+    message = pb.UploadRequest(write_offset=offset, data=data)
+    if data:
+        message.crc32c = google_crc32c.value(data)
+    else:
+        message.finish_write = True
+        message.object_checksums.crc32c = crc
+        message.object_checksums.sha256 = sha
+    if first:
+        if upload_id:
+            message.upload_id = upload_id
+        elif spec is not None:
+            message.spec.CopyFrom(spec)
+    return message
 
-    def piece(self, data: bytes | str) -> pb.UploadRequest:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        message = pb.UploadRequest(write_offset=self.offset, data=data, crc32c=google_crc32c.value(data))
-        if self.offset == 0:
-            message.spec.CopyFrom(self.spec)
-        self._crc = google_crc32c.extend(self._crc, data)
-        self._sha.update(data)
-        self.offset += len(data)
-        if self.progress is not None:
-            self.progress(len(data))
-        return message
 
-    def finish(self) -> pb.UploadRequest:
-        final = pb.UploadRequest(
-            write_offset=self.offset,
-            finish_write=True,
-            object_checksums=pb.ObjectChecksums(crc32c=self._crc, sha256=self._sha.digest()),
-        )
-        if self.offset == 0:
-            final.spec.CopyFrom(self.spec)
-        return final
+def cannot_resume(upload_id: str, persisted: int, window: int) -> errors.StorageError:
+    return errors.StorageError(
+        f"cannot resume upload {upload_id}: the server persisted {persisted} bytes and the "
+        "source cannot produce the bytes from there (a non-seekable stream keeps only its "
+        f"last {window} bytes; a seekable one may be shorter than that)",
+        reason="CANNOT_RESUME",
+    )
 
 
 class DownloadState:
@@ -677,12 +687,7 @@ class Storage(_Client):
                 persisted = status.persisted_size
                 with source.lock:
                     if not source.rewind(persisted):
-                        raise errors.StorageError(
-                            f"cannot resume upload {upload_id}: the server persisted {persisted} bytes and the "
-                            "source cannot produce the bytes from there (a non-seekable stream keeps only its "
-                            f"last {self.resume_window} bytes; a seekable one may be shorter than that)",
-                            reason="CANNOT_RESUME",
-                        )
+                        raise cannot_resume(upload_id, persisted, self.resume_window)
                     generation = source.generation
                 response = self._stub.Upload(
                     self._upload_messages(source, generation, progress, upload_id=upload_id),
@@ -709,31 +714,15 @@ class Storage(_Client):
         upload_id: str = "",
     ) -> Iterator[pb.UploadRequest]:
         first = True
-        while True:
-            with source.lock:
-                if source.generation != generation:
-                    return  # a retry took over this source
-                offset = source.offset
-                data = source.read(self.chunk_size)
-                crc, sha = source.crc, source.sha.digest()
-            message = pb.UploadRequest(write_offset=offset, data=data)
-            if data:
-                message.crc32c = google_crc32c.value(data)
-            else:
-                message.finish_write = True
-                message.object_checksums.crc32c = crc
-                message.object_checksums.sha256 = sha
-            if first:
-                if upload_id:
-                    message.upload_id = upload_id
-                elif spec is not None:
-                    message.spec.CopyFrom(spec)
-                first = False
+        while message := next_upload_request(
+            source, generation, self.chunk_size, first=first, spec=spec, upload_id=upload_id
+        ):
+            first = False
             yield message
-            if not data:
+            if message.finish_write:
                 return
             if progress is not None:
-                progress(len(data))
+                progress(len(message.data))
 
     def _retrying(self, call: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):
@@ -941,8 +930,12 @@ def transient(error: errors.StorageError) -> bool:
     return False
 
 
+def backoff_delay(attempt: int) -> float:
+    return float(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+
+
 def backoff(attempt: int) -> None:
-    time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+    time.sleep(backoff_delay(attempt))
 
 
 class WriteBehind:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -14,7 +15,7 @@ import google_crc32c
 import grpc
 import pytest
 
-from blobstore.client import Storage
+from blobstore.client import AsyncStorage, Storage
 from blobstore.client import errors as client_errors
 from blobstore.server.scrub import scrub
 from blobstore.v1 import storage_pb2 as pb
@@ -200,6 +201,71 @@ def test_set_file_resumes_across_a_server_crash(tmp_path: Path) -> None:
             assert hashlib.sha256(observer.get("big.bin")).digest() == hashlib.sha256(data).digest()
     finally:
         process.stop()
+
+
+def test_async_set_file_resumes_across_a_server_crash(tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    data = os.urandom(24 * MiB)
+    source.write_bytes(data)
+    process = ServerProcess(tmp_path / "data", chunk_size=64 << 10)
+    process.start()
+    try:
+        with Storage(process.address) as observer:
+            upload_id = observer.start_upload("big.bin")
+            failure: list[BaseException] = []
+            result: list[object] = []
+
+            async def upload() -> None:
+                async with AsyncStorage(process.address, retries=8) as storage:
+                    result.append(await storage.set_file("big.bin", str(source), upload_id=upload_id))
+
+            def run_upload() -> None:
+                try:
+                    asyncio.run(upload())
+                except BaseException as exc:
+                    failure.append(exc)
+
+            uploader = threading.Thread(target=run_upload)
+            uploader.start()
+            while observer.query_upload(upload_id).persisted_size == 0 and uploader.is_alive():
+                threading.Event().wait(0.01)
+            process.kill()
+            process.start()
+            survived = observer.query_upload(upload_id).persisted_size
+            uploader.join(120)
+            assert not failure, failure
+            assert result, "the upload did not finish"
+            assert survived > 0 or observer.query_upload(upload_id).object is not None
+            assert hashlib.sha256(observer.get("big.bin")).digest() == hashlib.sha256(data).digest()
+    finally:
+        process.stop()
+
+
+def test_async_set_file_sends_large_files_through_a_session(server: RunningServer) -> None:
+    data = os.urandom(3 * MiB)
+
+    async def scenario() -> tuple[object, object]:
+        async with AsyncStorage(server.address, resumable_threshold=MiB) as storage:
+            probe = await storage.start_upload("probe")
+            assert (await storage.limits()).open_uploads.used == 1  # sessions are counted while open
+            await storage.cancel_upload(probe)
+            info = await storage.set_file("via-session", io.BytesIO(data))
+            # A non-seekable stream of unknown size takes a session too.
+            reader, writer = os.pipe()
+            with os.fdopen(writer, "wb") as pipe_in:
+                pipe_in.write(data[: 64 << 10])
+            with os.fdopen(reader, "rb") as pipe_out:
+                piped = await storage.set_file("piped", pipe_out)
+            return info, piped
+
+    info, piped = asyncio.run(scenario())
+    with server.client() as storage:
+        assert storage.get("via-session") == data
+        assert storage.get("piped") == data[: 64 << 10]
+    assert getattr(info, "size", None) == len(data) and getattr(piped, "size", None) == 64 << 10
+    # Both sessions closed with their commits: none is left open on the server.
+    with server.client() as storage:
+        assert storage.limits().open_uploads.used == 0
 
 
 def test_set_file_gives_up_after_its_retries_when_the_server_stays_down(tmp_path: Path) -> None:
