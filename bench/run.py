@@ -31,6 +31,7 @@ from bench.procs import PYTHON, Service
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
+GiB = 1 << 30
 ALL_CASES = ("upload", "download", "signed", "small", "batch", "scale")
 
 
@@ -154,6 +155,15 @@ def profiled(cfg: Config, service: Service, name: str) -> Iterator[None]:
         log(f"profile written to {out}")
 
 
+def cpu_detail(res: Results, case: str, who: tuple[str, ...]) -> str:
+    """CPU seconds per GiB moved, server and client: steadier than throughput on a shared machine."""
+    parts = [
+        f"{name} {res.median(f'cpu.{case}.{name}.server'):.2f} + {res.median(f'cpu.{case}.{name}.client'):.2f}"
+        for name in who
+    ]
+    return f"{case} CPU seconds per GiB (median, server + client): " + ", ".join(parts)
+
+
 def transfer(mode: str, address: str, path: Path, key: str = "big") -> dict[str, float]:
     return procs.run_json([PYTHON, "-m", "bench.transfer", mode, address, str(path), key])
 
@@ -188,8 +198,11 @@ def case_upload(cfg: Config, res: Results, source: Path) -> None:
         log(f"upload {rep + 1}/{cfg.repeat}: bare aio servicer")
         bare = procs.start_bare(work / "bare", "aio")
         try:
+            cpu = bare.cpu_seconds()
             done = transfer("bare-upload", bare.address, source)
             res.sample("upload.bare", mb_per_s(size, done["seconds"]))
+            res.sample("cpu.upload.bare.server", (bare.cpu_seconds() - cpu) * GiB / size)
+            res.sample("cpu.upload.bare.client", done["client_cpu"] * GiB / size)
         finally:
             bare.stop()
             (work / "bare" / "upload.bin").unlink(missing_ok=True)
@@ -198,9 +211,12 @@ def case_upload(cfg: Config, res: Results, source: Path) -> None:
         server = procs.start_blobstore(work / "blobstore")
         try:
             server.reset_peak_rss()
+            cpu = server.cpu_seconds()
             with profiled(cfg, server, "upload") if rep == 0 else contextlib.nullcontext():
                 done = transfer("ours-upload", server.address, source, "big")
             res.sample("upload.ours", mb_per_s(size, done["seconds"]))
+            res.sample("cpu.upload.ours.server", (server.cpu_seconds() - cpu) * GiB / size)
+            res.sample("cpu.upload.ours.client", done["client_cpu"] * GiB / size)
             res.sample("rss.upload.server", server.peak_rss_mb())
             res.sample("rss.upload.client", done["client_peak_rss_mb"])
             again = transfer("ours-upload", server.address, source, "big-again")
@@ -218,6 +234,7 @@ def case_upload(cfg: Config, res: Results, source: Path) -> None:
         f"upload references (MiB/s, median): dd conv=fdatasync {res.median('upload.dd'):.0f}, "
         f"bare aio servicer with fdatasync {res.median('upload.bare'):.0f}"
     )
+    res.details.append(cpu_detail(res, "upload", ("ours", "bare")))
     res.limit_row("peak RSS, server, during upload", "rss.upload.server", 150, "MB")
     res.limit_row("peak RSS, client, during upload", "rss.upload.client", 150, "MB")
 
@@ -234,15 +251,21 @@ def case_download(cfg: Config, res: Results, source: Path) -> None:
         for rep in range(cfg.repeat):
             log(f"download {rep + 1}/{cfg.repeat}: blobstore get_file, bare sync, bare aio")
             server.reset_peak_rss()
+            cpu = server.cpu_seconds()
             with profiled(cfg, server, "download") if rep == 0 else contextlib.nullcontext():
                 done = transfer("ours-download", server.address, target, "big")
             res.sample("download.ours", mb_per_s(size, done["seconds"]))
+            res.sample("cpu.download.ours.server", (server.cpu_seconds() - cpu) * GiB / size)
+            res.sample("cpu.download.ours.client", done["client_cpu"] * GiB / size)
             res.sample("rss.download.server", server.peak_rss_mb())
             res.sample("rss.download.client", done["client_peak_rss_mb"])
             target.unlink()
             for name, bare in (("sync", bare_sync), ("aio", bare_aio)):
+                cpu = bare.cpu_seconds()
                 done = transfer("bare-download", bare.address, target)
                 res.sample(f"download.bare-{name}", mb_per_s(size, done["seconds"]))
+                res.sample(f"cpu.download.bare-{name}.server", (bare.cpu_seconds() - cpu) * GiB / size)
+                res.sample(f"cpu.download.bare-{name}.client", done["client_cpu"] * GiB / size)
                 target.unlink()
     finally:
         for service in (server, bare_sync, bare_aio):
@@ -263,6 +286,7 @@ def case_download(cfg: Config, res: Results, source: Path) -> None:
         f"download references (MiB/s, median): bare sync servicer {res.median('download.bare-sync'):.0f}, "
         f"bare aio servicer {res.median('download.bare-aio'):.0f}"
     )
+    res.details.append(cpu_detail(res, "download", ("ours", "bare-sync", "bare-aio")))
     res.limit_row("peak RSS, server, during download", "rss.download.server", 150, "MB")
     res.limit_row("peak RSS, client, during download", "rss.download.client", 150, "MB")
 

@@ -10,6 +10,7 @@ Run as a separate process so that its peak RSS is its own:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -48,6 +49,7 @@ def main() -> None:
     mode, address, path = sys.argv[1:4]
     key = sys.argv[4] if len(sys.argv) > 4 else "big"
     nbytes = 0
+    cpu_before = os.times()
     if mode.startswith("ours"):
         with Storage(address) as storage:
             storage.limits()  # connect before the clock starts, as the bare client does
@@ -67,8 +69,10 @@ def main() -> None:
                         f.write(response.data)
                         nbytes += len(response.data)
             seconds = time.perf_counter() - started
+    cpu_after = os.times()
+    cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "bytes": nbytes, "client_peak_rss_mb": peak_kb / 1024}))
+    print(json.dumps({"seconds": seconds, "bytes": nbytes, "client_peak_rss_mb": peak_kb / 1024, "client_cpu": cpu}))
 
 
 if __name__ == "__main__":
