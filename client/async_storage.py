@@ -143,7 +143,7 @@ class AsyncStorage(_Client):
         """
         spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
         with _open_for_reading(file) as fobj:
-            source = UploadSource(fobj, window=self.resume_window)
+            source = UploadSource(fobj, window=self.resume_window, sha256=self.verify_sha256)
             size = remaining_size(fobj)
             if upload_id is None and size is not None and size <= self.resumable_threshold:
                 return await self._upload_in_one_stream(spec, source, progress)
@@ -288,7 +288,7 @@ class AsyncStorage(_Client):
         Same guarantees as Storage.get_file: a path is replaced only by a fully
         verified copy, and a dropped connection resumes on the same generation.
         """
-        state = DownloadState(key, storage_type, self.retries, progress)
+        state = DownloadState(key, storage_type, self.retries, progress, sha256=self.verify_sha256)
         if isinstance(file, (str, os.PathLike)):
             with writing_atomically(file) as fobj:
                 return await self._download_into(state, fobj)

@@ -25,7 +25,7 @@ import io
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import google_crc32c
 
@@ -36,11 +36,34 @@ DEFAULT_WINDOW = 32 << 20
 Readable = IO[Any] | io.IOBase
 
 
+class RunningDigest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def copy(self) -> RunningDigest: ...
+    def digest(self) -> bytes: ...
+
+
+class NoDigest:
+    """Stands in for a SHA-256 the client was asked not to compute: digest() is empty."""
+
+    def update(self, data: bytes, /) -> None:
+        pass
+
+    def copy(self) -> NoDigest:
+        return self
+
+    def digest(self) -> bytes:
+        return b""
+
+
+def running_digest(sha256: bool) -> RunningDigest:
+    return hashlib.sha256() if sha256 else NoDigest()
+
+
 @dataclass
 class _Piece:
     start: int
     crc_before: int
-    sha_before: Any
+    sha_before: RunningDigest
     # Non-seekable sources keep the bytes themselves for replay.
     data: bytes | None = None
 
@@ -73,7 +96,7 @@ class UploadSource:
     while it reads and stops once `generation` moved on (rewind bumps it).
     """
 
-    def __init__(self, fobj: Readable, *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, fobj: Readable, *, window: int = DEFAULT_WINDOW, sha256: bool = True) -> None:
         self.fobj = fobj
         self.seekable = _is_seekable(fobj)
         self.window = window
@@ -81,13 +104,15 @@ class UploadSource:
         self.generation = 0
         self.offset = 0
         self.crc = 0
-        self.sha = hashlib.sha256()
+        # Without it, the whole-object check the server makes is the CRC32C alone.
+        self._sha256 = sha256
+        self.sha: RunningDigest = running_digest(sha256)
         self._origin = fobj.tell() if self.seekable else 0
         self._high_water = 0
         self._pieces: deque[_Piece] = deque()
         self._kept = 0
         if self.seekable:
-            self._pieces.append(_Piece(0, 0, hashlib.sha256()))
+            self._pieces.append(_Piece(0, 0, running_digest(sha256)))
 
     def read(self, size: int) -> bytes:
         """The next bytes (at most `size`); b"" at the end."""

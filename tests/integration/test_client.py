@@ -163,6 +163,16 @@ def test_200_mib_round_trip_through_files(storage: Storage, tmp_path: Path) -> N
     assert again.sha256 == digest
 
 
+def test_sha256_verified_on_the_client_when_asked(server: RunningServer, tmp_path: Path) -> None:
+    data = os.urandom(3 * (1 << 20) + 17)
+    source, target = tmp_path / "source.bin", tmp_path / "target.bin"
+    source.write_bytes(data)
+    with server.client(verify_sha256=True, resumable_threshold=1 << 20) as storage:
+        info = storage.set_file("checked", source)  # the server compares the client's SHA-256 with its own
+        assert storage.get_file("checked", target).sha256 == info.sha256 == hashlib.sha256(data).hexdigest()
+    assert target.read_bytes() == data
+
+
 def test_failed_download_leaves_no_file_behind(storage: Storage, tmp_path: Path) -> None:
     folder = tmp_path / "downloads"
     folder.mkdir()

@@ -9,7 +9,10 @@ import os
 import google_crc32c
 import pytest
 
+from blobstore.client.errors import DataLossError
+from blobstore.client.storage import DownloadState, next_upload_request
 from blobstore.client.transfer import UploadSource, remaining_size
+from blobstore.v1 import storage_pb2 as pb
 
 
 class Pipe(io.RawIOBase):
@@ -73,3 +76,49 @@ def test_a_seekable_file_may_skip_ahead_to_a_session_persisted_earlier() -> None
     _assert_checksums_at(source, data)
     assert _drain(source) == data[4_096:]
     assert not UploadSource(io.BytesIO(data)).rewind(20_000)
+
+
+@pytest.mark.parametrize("sha256", [True, False])
+def test_the_final_upload_message_carries_the_sha256_only_when_asked(sha256: bool) -> None:
+    data = os.urandom(2500)
+    source = UploadSource(io.BytesIO(data), sha256=sha256)
+    messages: list[pb.UploadRequest] = []
+    while (message := next_upload_request(source, source.generation, 1000, first=not messages)) is not None:
+        messages.append(message)
+        if message.finish_write:
+            break
+    final = messages[-1]
+    assert b"".join(m.data for m in messages) == data
+    assert final.object_checksums.crc32c == google_crc32c.value(data)
+    assert final.object_checksums.sha256 == (hashlib.sha256(data).digest() if sha256 else b"")
+    # A rewind after a failure rebuilds the same state either way.
+    assert source.rewind(1200)
+    assert source.crc == google_crc32c.value(data[:1200])
+    assert source.sha.digest() == (hashlib.sha256(data[:1200]).digest() if sha256 else b"")
+
+
+def _download(data: bytes, *, sha256_recorded: bytes, sha256: bool, crc_flip: int = 0) -> DownloadState:
+    state = DownloadState("k", "data", retries=0, sha256=sha256)
+    first = pb.DownloadResponse(data=data[:1000], crc32c=google_crc32c.value(data[:1000]))
+    first.object.key = "k"
+    first.object.size = len(data)
+    first.object.generation = 1
+    first.object.checksums.crc32c = google_crc32c.value(data) ^ crc_flip
+    first.object.checksums.sha256 = sha256_recorded
+    state.accept(first)
+    state.accept(pb.DownloadResponse(data=data[1000:], crc32c=google_crc32c.value(data[1000:])))
+    return state
+
+
+def test_downloads_check_the_crc32c_always_and_the_sha256_when_asked() -> None:
+    data = os.urandom(3000)
+    good, forged = hashlib.sha256(data).digest(), hashlib.sha256(b"other").digest()
+    assert _download(data, sha256_recorded=good, sha256=True).finish().size == len(data)
+    with pytest.raises(DataLossError, match="SHA-256"):
+        _download(data, sha256_recorded=forged, sha256=True).finish()
+    assert _download(data, sha256_recorded=forged, sha256=False).finish().size == len(data)
+    # The CRC32C of the whole object is checked whatever the setting.
+    with pytest.raises(DataLossError, match="CRC32C"):
+        _download(data, sha256_recorded=good, sha256=False, crc_flip=1).finish()
+    with pytest.raises(DataLossError, match="in transit"):
+        DownloadState("k", "data", retries=0).accept(pb.DownloadResponse(data=b"abc", crc32c=1))
