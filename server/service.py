@@ -77,7 +77,9 @@ class StorageServicer(pb_grpc.StorageServicer):
             if_generation_match=optional_int(request, "if_generation_match"),
             crc32c_expected=optional_int(request, "crc32c"),
         )
-        return pb.SetResponse(object=object_to_pb(info))
+        response = pb.SetResponse()
+        fill_object(response.object, info)
+        return response
 
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
         info, value = await self.engine.get(
@@ -86,7 +88,9 @@ class StorageServicer(pb_grpc.StorageServicer):
             request.key,
             generation=optional_int(request, "generation"),
         )
-        return pb.GetResponse(object=object_to_pb(info), value=value)
+        response = pb.GetResponse(value=value)
+        fill_object(response.object, info)
+        return response
 
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadRequest], context: Context) -> pb.UploadResponse:
         caller = self._caller(context)
