@@ -188,8 +188,10 @@ def test_generations_are_unique_and_increasing_across_concurrent_batches_and_set
             for n in range(8)
         ]
         sets = [engine.set(ANONYMOUS, DATA, f"s{n}", b"v") for n in range(20)]
-        done = await asyncio.gather(*batches, *sets)
-        return [list(result) if isinstance(result, list) else [result] for result in done]
+        done: list[Any] = await asyncio.gather(*batches, *sets)
+        groups = [result if isinstance(result, list) else [result] for result in done]
+        assert all(isinstance(info, ObjectInfo) for group in groups for info in group)
+        return groups
 
     groups = run(together())
     generations = [info.generation for group in groups for info in group]
