@@ -101,7 +101,8 @@ class LmdbIndex:
     LMDB allows one write transaction at a time and binds it to a thread. The
     writer thread drains whatever jobs are queued and runs them in one
     transaction (group commit: one fsync for many requests), each job in a
-    nested transaction so that a failing job leaves the others intact.
+    nested transaction so that a failing job leaves the others intact (a job
+    alone in its group runs in the top-level transaction: nested ones cost).
     """
 
     DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data arrives
