@@ -587,11 +587,12 @@ class Storage(_Client):
                         continue
                     failures[key] = error
                     continue
+                value = result.value  # each read of the field copies the bytes out of the message
                 checksums = result.object.checksums
-                if checksums.HasField("crc32c") and google_crc32c.value(result.value) != checksums.crc32c:
+                if checksums.HasField("crc32c") and google_crc32c.value(value) != checksums.crc32c:
                     failures[key] = errors.DataLossError(f"value of {key!r} failed its CRC32C check in transit")
                     continue
-                results[key] = result.value
+                results[key] = value
         if failures:
             raise errors.BatchError(failures, results)
         return results
