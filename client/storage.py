@@ -73,27 +73,29 @@ class ObjectInfo:
 
     @classmethod
     def from_pb(cls, message: pb.Object) -> ObjectInfo:
-        def when(field_name: str) -> datetime | None:
-            if not message.HasField(field_name):  # type: ignore[arg-type]
-                return None
-            # What Timestamp.ToDatetime computes, in a third of its time (set_many makes many of these).
-            stamp = getattr(message, field_name)
-            return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
-
+        # Positional arguments and no dict() of an empty map: set_many makes one of these per value.
         checksums = message.checksums
         return cls(
-            key=message.key,
-            storage_type=_LABELS.get(message.storage_type, "data"),
-            size=message.size,
-            generation=message.generation,
-            content_type=message.content_type,
-            metadata=dict(message.metadata),
-            created=when("create_time"),
-            updated=when("update_time"),
-            expires=when("expire_time"),
-            crc32c=checksums.crc32c if checksums.HasField("crc32c") else None,
-            sha256=checksums.sha256.hex(),
+            message.key,
+            _LABELS.get(message.storage_type, "data"),
+            message.size,
+            message.generation,
+            message.content_type,
+            dict(message.metadata) if message.metadata else {},
+            _when(message, "create_time"),
+            _when(message, "update_time"),
+            _when(message, "expire_time"),
+            checksums.crc32c if checksums.HasField("crc32c") else None,
+            checksums.sha256.hex(),
         )
+
+
+def _when(message: pb.Object, field_name: str) -> datetime | None:
+    if not message.HasField(field_name):  # type: ignore[arg-type]
+        return None
+    # What Timestamp.ToDatetime computes, in a fifth of its time.
+    stamp = getattr(message, field_name)
+    return _EPOCH + timedelta(0, stamp.seconds, stamp.nanos // 1000)
 
 
 @dataclass(frozen=True)
@@ -498,22 +500,26 @@ class Storage(_Client):
         max_entries, max_bytes = self._batch_limits()
         results: dict[str, ObjectInfo] = {}
         failures: dict[str, errors.StorageError] = {}
-        batch: builtins.list[pb.BatchSetEntry] = []
+        # Entries are filled in place in the request (building each and copying it in costs twice as much).
+        request = pb.BatchSetRequest(storage_type=number)  # type: ignore[arg-type]
+        keys: builtins.list[str] = []
         batch_bytes = 0
+        unary_limit = self._unary_limit()
+        common_metadata = dict(metadata or {})
+        metadata_bytes = sum(len(k.encode()) + len(v.encode()) + 16 for k, v in common_metadata.items())
 
         def send() -> None:
-            request = pb.BatchSetRequest(storage_type=number, entries=batch)  # type: ignore[arg-type]
             with _translated():
                 response = self._stub.BatchSet(request, timeout=self.timeout, metadata=self._metadata)
-            for entry, result in zip(batch, response.results, strict=True):
+            for key, result in zip(keys, response.results, strict=True):
                 if result.HasField("error"):
-                    failures[entry.key] = errors.from_item_error(*_item(result.error))
+                    failures[key] = errors.from_item_error(*_item(result.error))
                 else:
-                    results[entry.key] = ObjectInfo.from_pb(result.object)
+                    results[key] = ObjectInfo.from_pb(result.object)
 
         for key, value in values.items():
             data, value_type = _as_bytes(value)
-            if len(data) > self._unary_limit():
+            if len(data) > unary_limit:
                 try:
                     results[key] = self.set(
                         key,
@@ -526,22 +532,23 @@ class Storage(_Client):
                 except errors.StorageError as exc:
                     failures[key] = exc
                 continue
-            entry = pb.BatchSetEntry(
-                key=key,
-                value=data,
-                content_type=content_type or value_type or "",
-                metadata=dict(metadata or {}),
-                crc32c=google_crc32c.value(data),
-            )
+            entry_type = content_type or value_type or ""
+            # An upper bound of the entry's encoded size (tags and length prefixes at their longest).
+            size = len(key) * 4 + len(data) + len(entry_type) + metadata_bytes + 48
+            if keys and (len(keys) >= max_entries or batch_bytes + size > max_bytes):
+                send()
+                del request.entries[:]
+                keys, batch_bytes = [], 0
+            entry = request.entries.add(key=key, value=data, crc32c=google_crc32c.value(data))
+            if entry_type:
+                entry.content_type = entry_type
+            if common_metadata:
+                entry.metadata.update(common_metadata)
             if key in preconditions:
                 entry.if_generation_match = preconditions[key]
-            size = entry.ByteSize()
-            if batch and (len(batch) >= max_entries or batch_bytes + size > max_bytes):
-                send()
-                batch, batch_bytes = [], 0
-            batch.append(entry)
+            keys.append(key)
             batch_bytes += size
-        if batch:
+        if keys:
             send()
         if failures:
             raise errors.BatchError(failures, dict(results))
@@ -580,11 +587,12 @@ class Storage(_Client):
                         continue
                     failures[key] = error
                     continue
+                value = result.value  # each read of the field copies the bytes out of the message
                 checksums = result.object.checksums
-                if checksums.HasField("crc32c") and google_crc32c.value(result.value) != checksums.crc32c:
+                if checksums.HasField("crc32c") and google_crc32c.value(value) != checksums.crc32c:
                     failures[key] = errors.DataLossError(f"value of {key!r} failed its CRC32C check in transit")
                     continue
-                results[key] = result.value
+                results[key] = value
         if failures:
             raise errors.BatchError(failures, results)
         return results

@@ -10,22 +10,32 @@ NS_PER_S = 1_000_000_000
 
 
 def object_to_pb(info: ObjectInfo) -> pb.Object:
-    message = pb.Object(
-        key=info.key,
-        storage_type=info.storage_type.value,  # type: ignore[arg-type]
-        size=info.size,
-        generation=info.generation,
-        content_type=info.content_type,
-        checksums=pb.ObjectChecksums(crc32c=info.crc32c, sha256=info.sha256),
-    )
+    return fill_object(pb.Object(), info)
+
+
+def fill_object(message: pb.Object, info: ObjectInfo) -> pb.Object:
+    """Writes `info` into `message` field by field: filling a message in place (for example
+    `response.results.add().object`) costs a third of building one and copying it in
+    (measured in python -m bench.profile batch-set, where this runs once per value)."""
+    message.key = info.key
+    message.storage_type = info.storage_type.value  # type: ignore[assignment]
+    message.size = info.size
+    message.generation = info.generation
+    if info.content_type:
+        message.content_type = info.content_type
+    checksums = message.checksums
+    checksums.crc32c = info.crc32c
+    checksums.sha256 = info.sha256
     if info.metadata:
         message.metadata.update(info.metadata)
-    # Plain field writes: Timestamp.FromNanoseconds costs as much as the rest of the message
-    # (measured in python -m bench.profile batch-get, where this runs once per value).
-    message.create_time.seconds, message.create_time.nanos = divmod(info.create_time_ns, NS_PER_S)
-    message.update_time.seconds, message.update_time.nanos = divmod(info.update_time_ns, NS_PER_S)
+    # Plain field writes: Timestamp.FromNanoseconds costs as much as the rest of the message.
+    stamp = message.create_time
+    stamp.seconds, stamp.nanos = divmod(info.create_time_ns, NS_PER_S)
+    stamp = message.update_time
+    stamp.seconds, stamp.nanos = divmod(info.update_time_ns, NS_PER_S)
     if info.expire_time_ns:
-        message.expire_time.seconds, message.expire_time.nanos = divmod(info.expire_time_ns, NS_PER_S)
+        stamp = message.expire_time
+        stamp.seconds, stamp.nanos = divmod(info.expire_time_ns, NS_PER_S)
     return message
 
 

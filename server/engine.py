@@ -103,6 +103,33 @@ def crc32c_extend(crc: int, data: bytes | memoryview) -> int:
     return int(google_crc32c.extend(crc, data))
 
 
+class _Generations:
+    """Hands out generations inside one write transaction, reading and writing the counter once.
+
+    A shared index may hand out generations from a sequence instead of one hot counter row.
+    """
+
+    __slots__ = ("_last", "_sequence", "_txn")
+
+    def __init__(self, txn: IndexWriter) -> None:
+        self._txn = txn
+        self._sequence: Callable[[], int] | None = getattr(txn, "next_generation", None)
+        self._last: int | None = None
+
+    def next(self) -> int:
+        if self._sequence is not None:
+            return int(self._sequence())
+        if self._last is None:
+            raw = self._txn.get(schema.META, schema.META_GENERATION)
+            self._last = schema.unpack_u64(raw) if raw else 0
+        self._last += 1
+        return self._last
+
+    def save(self) -> None:
+        if self._last is not None:
+            self._txn.put(schema.META, schema.META_GENERATION, schema.pack_u64(self._last))
+
+
 class Engine:
     def __init__(
         self,
@@ -193,10 +220,10 @@ class Engine:
 
     _check_deletable = _check_readable
 
-    def _live(self, record: rec.ObjectRecord | None) -> rec.ObjectRecord | None:
+    def _live(self, record: rec.ObjectRecord | None, now: int | None = None) -> rec.ObjectRecord | None:
         if record is None:
             return None
-        if record.expire_time_ns and record.expire_time_ns <= self.clock():
+        if record.expire_time_ns and record.expire_time_ns <= (self.clock() if now is None else now):
             return None
         return record
 
@@ -207,18 +234,20 @@ class Engine:
         return self._live(rec.ObjectRecord.FromString(raw))
 
     def _info(self, key: str, storage_type: StorageType, record: rec.ObjectRecord) -> ObjectInfo:
+        # Positional, and no dict() of an empty map (which alone costs as much as the rest):
+        # this runs once per value of every batch.
         return ObjectInfo(
-            key=key,
-            storage_type=storage_type,
-            size=record.size,
-            generation=record.generation,
-            content_type=record.content_type,
-            metadata=dict(record.metadata),
-            create_time_ns=record.create_time_ns,
-            update_time_ns=record.update_time_ns,
-            crc32c=record.crc32c,
-            sha256=record.sha256,
-            expire_time_ns=record.expire_time_ns,
+            key,
+            storage_type,
+            record.size,
+            record.generation,
+            record.content_type,
+            dict(record.metadata) if record.metadata else {},
+            record.create_time_ns,
+            record.update_time_ns,
+            record.crc32c,
+            record.sha256,
+            record.expire_time_ns,
         )
 
     def _not_found(self, key: str, storage_type: StorageType) -> errors.NotFound:
@@ -277,13 +306,9 @@ class Engine:
 
     @staticmethod
     def _next_generation(txn: IndexWriter) -> int:
-        # A shared index may hand out generations from a sequence instead of one hot counter row.
-        next_generation = getattr(txn, "next_generation", None)
-        if next_generation is not None:
-            return int(next_generation())
-        raw = txn.get(schema.META, schema.META_GENERATION)
-        generation = (schema.unpack_u64(raw) if raw else 0) + 1
-        txn.put(schema.META, schema.META_GENERATION, schema.pack_u64(generation))
+        generations = _Generations(txn)
+        generation = generations.next()
+        generations.save()
         return generation
 
     def _add_usage(
@@ -342,37 +367,94 @@ class Engine:
             now = self.clock()
             raw = txn.get(schema.OBJECTS, okey)
             stored = rec.ObjectRecord.FromString(raw) if raw else None
-            current = self._live(stored)
-            if if_generation_match is not None:
-                current_generation = current.generation if current else 0
-                if current_generation != if_generation_match:
-                    raise errors.GenerationMismatch(
-                        f"object {key!r} is at generation {current_generation}, "
-                        f"not {if_generation_match} as the write required"
-                        + (" (0: must not exist)" if if_generation_match == 0 else "")
-                    )
-            record = rec.ObjectRecord()
-            record.CopyFrom(draft)
-            record.key = key
-            record.generation = self._next_generation(txn)
-            record.create_time_ns = current.create_time_ns if current else now
-            record.update_time_ns = now
-            if storage_type is StorageType.TMP:
-                record.expire_time_ns = now + self.config.tmp_ttl_ns
-                txn.put(schema.EXPIRY, schema.expiry_key(record.expire_time_ns, okey), b"")
-            # New references first, so a chunk shared by both versions never drops to zero.
-            self._incref(txn, record.chunks)
-            released: list[bytes] = []
-            if stored is not None:
-                released = self._remove_record(txn, namespace, okey, stored, account=False)
+            current = self._live(stored, now)
+            self._check_precondition(key, current, if_generation_match)
             # One net charge, so that replacing an object by one no larger is never refused.
             self._add_usage(
-                txn, namespace, size=record.size - (stored.size if stored else 0), objects=0 if stored else 1
+                txn, namespace, size=draft.size - (stored.size if stored else 0), objects=0 if stored else 1
             )
-            txn.put(schema.OBJECTS, okey, record.SerializeToString())
-            return record, released
+            # The draft is the caller's own: filled in place (idempotently, should the op run again).
+            draft.key = key
+            released = self._install(txn, storage_type, okey, draft, stored, current, self._next_generation(txn), now)
+            return draft, released
 
         return op
+
+    def _batch_commit_op(
+        self, namespace: str, storage_type: StorageType, items: list[tuple[bytes, rec.ObjectRecord, int | None]]
+    ) -> Callable[[IndexWriter], tuple[list[rec.ObjectRecord | errors.BlobstoreError], list[bytes]]]:
+        """One transaction for many (objects key, draft with its key, precondition): each entry's
+        precondition and quota are judged on their own, in order, before it writes anything,
+        so a refused entry needs no nested transaction to undo it. The generation counter and
+        the namespace's usage are read and written once for the whole batch."""
+
+        def op(txn: IndexWriter) -> tuple[list[rec.ObjectRecord | errors.BlobstoreError], list[bytes]]:
+            now = self.clock()
+            account = quotas.Account(txn, namespace, self.config.quotas)
+            generations = _Generations(txn)
+            outcomes: list[rec.ObjectRecord | errors.BlobstoreError] = []
+            released: list[bytes] = []
+            for okey, draft, if_generation_match in items:
+                raw = txn.get(schema.OBJECTS, okey)
+                stored = rec.ObjectRecord.FromString(raw) if raw else None
+                current = self._live(stored, now)
+                try:
+                    self._check_precondition(draft.key, current, if_generation_match)
+                    account.charge(size=draft.size - (stored.size if stored else 0), objects=0 if stored else 1)
+                except errors.BlobstoreError as refused:
+                    outcomes.append(refused)
+                    continue
+                # The draft is this batch's own: filled in place (idempotently, should the op run again).
+                released += self._install(txn, storage_type, okey, draft, stored, current, generations.next(), now)
+                outcomes.append(draft)
+            generations.save()
+            account.save()
+            return outcomes, released
+
+        return op
+
+    @staticmethod
+    def _check_precondition(key: str, current: rec.ObjectRecord | None, if_generation_match: int | None) -> None:
+        if if_generation_match is None:
+            return
+        current_generation = current.generation if current else 0
+        if current_generation != if_generation_match:
+            raise errors.GenerationMismatch(
+                f"object {key!r} is at generation {current_generation}, "
+                f"not {if_generation_match} as the write required"
+                + (" (0: must not exist)" if if_generation_match == 0 else "")
+            )
+
+    def _install(
+        self,
+        txn: IndexWriter,
+        storage_type: StorageType,
+        okey: bytes,
+        record: rec.ObjectRecord,
+        stored: rec.ObjectRecord | None,
+        current: rec.ObjectRecord | None,
+        generation: int,
+        now: int,
+    ) -> list[bytes]:
+        """Writes `record` over whatever `stored` was (usage is the caller's); returns the chunks released."""
+        record.generation = generation
+        record.create_time_ns = current.create_time_ns if current else now
+        record.update_time_ns = now
+        # New references first, so a chunk shared by both versions never drops to zero.
+        if record.chunks:
+            self._incref(txn, record.chunks)
+        released: list[bytes] = []
+        if stored is not None:
+            # The objects row itself is overwritten below, not deleted first.
+            if stored.expire_time_ns:
+                txn.delete(schema.EXPIRY, schema.expiry_key(stored.expire_time_ns, okey))
+            if stored.chunks:
+                released = self._decref(txn, stored.chunks)
+        if storage_type is StorageType.TMP:
+            record.expire_time_ns = now + self.config.tmp_ttl_ns
+            txn.put(schema.EXPIRY, schema.expiry_key(record.expire_time_ns, okey), b"")
+        txn.put(schema.OBJECTS, okey, record.SerializeToString())
+        return released
 
     # ------------------------------------------------------------------ writes
 
@@ -408,6 +490,13 @@ class Engine:
             raise errors.ChecksumMismatch(
                 f"value CRC32C is {value_crc:#010x}, the request said {crc32c_expected:#010x}; nothing was stored"
             )
+        if len(value) <= self.config.inline_threshold:
+            # The whole value is here and lives in the record: no upload machinery needed.
+            draft = self._draft(key, value, value_crc, content_type, spec.metadata)
+            record = await self._commit(
+                self._commit_op(caller.namespace, storage_type, key, draft, if_generation_match)
+            )
+            return self._info(key, storage_type, record)
         upload = self.new_upload(caller, spec)
         try:
             await upload.write(0, value, known_crc32c=value_crc)
@@ -420,21 +509,22 @@ class Engine:
     ) -> list[ObjectInfo | errors.BlobstoreError]:
         """Stores many values with one index transaction and one fsync.
 
-        Each entry is validated, checked against its precondition and committed
-        on its own (a nested transaction per entry): one bad entry fails with
-        its error in its place in the result, the others still commit.
+        Each entry is validated, checked against its precondition and its quota
+        and committed on its own: one bad entry fails with its error in its
+        place in the result, the others still commit.
         """
         self._check_batch_size(len(entries))
         results: list[ObjectInfo | errors.BlobstoreError | None] = [None] * len(entries)
         drafts: dict[int, rec.ObjectRecord] = {}
         chunked: list[int] = []
+        inline_threshold = self.config.inline_threshold
         for position, entry in enumerate(entries):
             try:
-                drafts[position] = self._batch_draft(caller, storage_type, entry)
+                drafts[position] = self._batch_draft(entry)
             except errors.BlobstoreError as exc:
                 results[position] = exc
             else:
-                if len(entry.value) > self.config.inline_threshold:
+                if len(entry.value) > inline_threshold:
                     chunked.append(position)
         pinned: list[bytes] = []
         # Whatever happens to this coroutine, the pins hold until the chunk writes and the
@@ -451,24 +541,28 @@ class Engine:
                 settles = self.executor.submit(store_chunks)
                 await asyncio.wrap_future(settles)
             positions = list(drafts)
-            ops = [
-                self._commit_op(
-                    caller.namespace, storage_type, entries[p].key, drafts[p], entries[p].if_generation_match
-                )
+            if not positions:
+                return [result for result in results if result is not None]
+            prefix = schema.object_prefix(caller.namespace, storage_type)
+            items = [
+                (prefix + schema.encode_key(entries[p].key.encode()), drafts[p], entries[p].if_generation_match)
                 for p in positions
             ]
-            if not ops:
-                return [result for result in results if result is not None]
-            settles = self.index.submit_batch(ops)
-            settles.add_done_callback(self._collect_batch_releases)
-            outcomes = await asyncio.wrap_future(settles)
+            settles = self._submit_releasing(self._batch_commit_op(caller.namespace, storage_type, items))
+            try:
+                outcomes, _ = await asyncio.wrap_future(settles)
+            except Exception:
+                # Something other than a precondition or a quota failed part-way (the index is
+                # full, say): each entry again in a transaction of its own, for its own outcome.
+                settles = self._submit_each(caller.namespace, storage_type, entries, drafts, positions)
+                outcomes = await asyncio.wrap_future(settles)
             for position, outcome in zip(positions, outcomes, strict=True):
                 if isinstance(outcome, errors.BlobstoreError):
                     results[position] = outcome
                 elif isinstance(outcome, BaseException):
                     raise outcome
                 else:
-                    results[position] = self._info(entries[position].key, storage_type, outcome[0])
+                    results[position] = self._info(entries[position].key, storage_type, outcome)
         finally:
             if settles is None:
                 self._unpin_and_collect(pinned)
@@ -477,6 +571,37 @@ class Engine:
         done = [result for result in results if result is not None]
         assert len(done) == len(entries), "every batch entry gets a result"
         return done
+
+    def _submit_each(
+        self,
+        namespace: str,
+        storage_type: StorageType,
+        entries: list[BatchEntry],
+        drafts: dict[int, rec.ObjectRecord],
+        positions: list[int],
+    ) -> Future[list[Any]]:
+        """The batch's entries in one transaction, each in a nested one: its outcome is the record
+        stored or the exception that undid that entry alone."""
+        ops = [
+            self._commit_op(namespace, storage_type, entries[p].key, drafts[p], entries[p].if_generation_match)
+            for p in positions
+        ]
+
+        def records_only(done: Future[list[Any]]) -> list[Any]:
+            return [outcome[0] if isinstance(outcome, tuple) else outcome for outcome in done.result()]
+
+        committed = self.index.submit_batch(ops)
+        committed.add_done_callback(self._collect_batch_releases)
+        records: Future[list[Any]] = Future()
+
+        def settle(done: Future[list[Any]]) -> None:
+            try:
+                records.set_result(records_only(done))
+            except BaseException as exc:
+                records.set_exception(exc)
+
+        committed.add_done_callback(settle)
+        return records
 
     def _collect_batch_releases(self, done: Future[list[Any]]) -> None:
         """Once a batch commit is durable: collect the chunks its entries released."""
@@ -500,10 +625,13 @@ class Engine:
                 f"the batch has {count} entries; at most {self.config.max_batch_entries} are allowed per call"
             )
 
-    def _batch_draft(self, caller: Caller, storage_type: StorageType, entry: BatchEntry) -> rec.ObjectRecord:
-        """Validates one batch entry and builds its record, without chunks yet."""
-        spec = UploadSpec(entry.key, storage_type, entry.content_type, entry.metadata, None, entry.if_generation_match)
-        self._validate_write(caller, spec)
+    def _batch_draft(self, entry: BatchEntry) -> rec.ObjectRecord:
+        """Validates one batch entry and builds its record (with its key), without chunks yet."""
+        validate_key(entry.key)
+        if entry.metadata:
+            validate_metadata(entry.metadata)
+        if entry.if_generation_match is not None and entry.if_generation_match < 0:
+            raise errors.InvalidArgument("if_generation_match must be 0 (must not exist) or a generation")
         value = entry.value
         if len(value) > self.config.max_unary_value:
             raise errors.InvalidArgument(
@@ -516,13 +644,17 @@ class Engine:
                 f"value CRC32C of {entry.key!r} is {value_crc:#010x}, the request said "
                 f"{entry.crc32c_expected:#010x}; that entry was not stored"
             )
+        return self._draft(entry.key, value, value_crc, entry.content_type, entry.metadata)
+
+    def _draft(
+        self, key: str, value: bytes, value_crc: int, content_type: str, metadata: dict[str, str]
+    ) -> rec.ObjectRecord:
+        """The record of a value given whole (inline when small), before its commit fills it in."""
         draft = rec.ObjectRecord(
-            size=len(value),
-            content_type=entry.content_type,
-            metadata=entry.metadata,
-            crc32c=value_crc,
-            sha256=hashlib.sha256(value).digest(),
+            key=key, size=len(value), content_type=content_type, crc32c=value_crc, sha256=hashlib.sha256(value).digest()
         )
+        if metadata:
+            draft.metadata.update(metadata)
         if len(value) <= self.config.inline_threshold:
             draft.inline_data = value
         return draft
@@ -648,11 +780,14 @@ class Engine:
         results: list[tuple[ObjectInfo, bytes] | errors.BlobstoreError] = []
         chunked: list[int] = []
         total = 0
+        prefix = schema.object_prefix(caller.namespace, storage_type)
+        now = self.clock()
         with self.index.reader() as r:
             for key in keys:
                 try:
                     validate_key(key)
-                    record = self._read_record(r, schema.object_key(caller.namespace, storage_type, key))
+                    raw = r.get(schema.OBJECTS, prefix + schema.encode_key(key.encode()))
+                    record = None if raw is None else self._live(rec.ObjectRecord.FromString(raw), now)
                     if record is None:
                         raise self._not_found(key, storage_type)
                     if record.size > self.config.max_unary_value:
@@ -661,7 +796,7 @@ class Engine:
                             f"{self.config.max_unary_value} per value: use Download"
                         )
                     # What the entry costs on the wire: value, metadata, key twice, field framing.
-                    cost = record.ByteSize() + (record.size if record.chunks else 0) + 2 * len(key) + 64
+                    cost = len(raw) + (record.size if record.chunks else 0) + 2 * len(key) + 64
                     if max_total_bytes is not None and total + cost > max_total_bytes:
                         raise errors.BatchResponseFull(
                             f"no room left in this response for {key!r} ({record.size} bytes): Get it on its own"

@@ -101,7 +101,8 @@ class LmdbIndex:
     LMDB allows one write transaction at a time and binds it to a thread. The
     writer thread drains whatever jobs are queued and runs them in one
     transaction (group commit: one fsync for many requests), each job in a
-    nested transaction so that a failing job leaves the others intact.
+    nested transaction so that a failing job leaves the others intact (a job
+    alone in its group runs in the top-level transaction: nested ones cost).
     """
 
     DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data arrives
@@ -139,7 +140,11 @@ class LmdbIndex:
             yield _LmdbTxn(txn, self._dbs)
 
     def submit(self, op: Callable[[IndexWriter], T]) -> Future[T]:
-        return self.submit_many([op])[0]
+        if self._closed or self._readonly:
+            raise errors.Unavailable("the index is closed" if self._closed else "the index was opened read-only")
+        future: Future[T] = Future()
+        self._queue.put(((op, future),))
+        return future
 
     def submit_many(self, ops: list[Callable[[IndexWriter], Any]]) -> list[Future[Any]]:
         if self._closed or self._readonly:
@@ -201,6 +206,9 @@ class LmdbIndex:
                 return
 
     def _run_group(self, jobs: list[_Job]) -> None:
+        if len(jobs) == 1:
+            self._run_alone(*jobs[0])
+            return
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             with self._env.begin(write=True) as txn:
@@ -227,6 +235,18 @@ class LmdbIndex:
                 future.set_result(result)
             else:
                 future.set_exception(exc)
+
+    def _run_alone(self, op: Callable[[IndexWriter], Any], future: Future[Any]) -> None:
+        """A job with no company needs no nested transaction: if it fails, the whole one is undone."""
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with self._env.begin(write=True) as txn:
+                result = op(_LmdbTxn(txn, self._dbs))
+        except BaseException as failure:  # reported to the job's caller; nothing took effect
+            future.set_exception(_translate(failure))
+            return
+        future.set_result(result)
 
 
 def _translate(exc: BaseException) -> BaseException:

@@ -102,14 +102,46 @@ def charge(
     Call it inside the transaction that makes the change, once with the net
     change (an overwrite charges new size minus old size and no object).
     """
-    usage = read_usage(txn, namespace)
-    if size > 0 or objects > 0 or uploads > 0:
-        _check(namespace, limits_for(txn, namespace, config), usage, size, objects, uploads)
-    usage.bytes += size
-    usage.objects += objects
-    usage.open_uploads += uploads
-    txn.put(schema.USAGE, namespace.encode(), usage.SerializeToString())
-    return usage
+    account = Account(txn, namespace, config)
+    account.charge(size=size, objects=objects, uploads=uploads)
+    account.save()
+    return account.usage
+
+
+class Account:
+    """One namespace's usage, read once and written once for many changes in one transaction.
+
+    Each charge() is judged against the usage after the charges before it, as if
+    each ran in a transaction of its own, so a batch stays exact and one change
+    refused leaves the others standing. Only save() writes: a batch of N values
+    parses and serializes the usage record once instead of N times.
+    """
+
+    __slots__ = ("_config", "_limits", "_namespace", "_txn", "changed", "usage")
+
+    def __init__(self, txn: IndexWriter, namespace: str, config: QuotaConfig) -> None:
+        self._txn = txn
+        self._namespace = namespace
+        self._config = config
+        self._limits: Limits | None = None
+        self.usage = read_usage(txn, namespace)
+        self.changed = False
+
+    def charge(self, *, size: int = 0, objects: int = 0, uploads: int = 0) -> None:
+        """Raises QuotaExceeded, changing nothing, if a count that grows would pass its limit."""
+        if size > 0 or objects > 0 or uploads > 0:
+            if self._limits is None:
+                self._limits = limits_for(self._txn, self._namespace, self._config)
+            _check(self._namespace, self._limits, self.usage, size, objects, uploads)
+        usage = self.usage
+        usage.bytes += size
+        usage.objects += objects
+        usage.open_uploads += uploads
+        self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            self._txn.put(schema.USAGE, self._namespace.encode(), self.usage.SerializeToString())
 
 
 def check_room(

@@ -15,7 +15,14 @@ import google_crc32c
 import grpc
 
 from blobstore.server import errors, status
-from blobstore.server.convert import object_to_pb, optional_int, signed_url_method, storage_type, upload_spec
+from blobstore.server.convert import (
+    fill_object,
+    object_to_pb,
+    optional_int,
+    signed_url_method,
+    storage_type,
+    upload_spec,
+)
 from blobstore.server.engine import Engine, UploadWriter
 from blobstore.server.model import ANONYMOUS, BatchEntry, Caller
 from blobstore.server.sessions import ResumableUpload, UploadSessions
@@ -70,7 +77,9 @@ class StorageServicer(pb_grpc.StorageServicer):
             if_generation_match=optional_int(request, "if_generation_match"),
             crc32c_expected=optional_int(request, "crc32c"),
         )
-        return pb.SetResponse(object=object_to_pb(info))
+        response = pb.SetResponse()
+        fill_object(response.object, info)
+        return response
 
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
         info, value = await self.engine.get(
@@ -79,7 +88,9 @@ class StorageServicer(pb_grpc.StorageServicer):
             request.key,
             generation=optional_int(request, "generation"),
         )
-        return pb.GetResponse(object=object_to_pb(info), value=value)
+        response = pb.GetResponse(value=value)
+        fill_object(response.object, info)
+        return response
 
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadRequest], context: Context) -> pb.UploadResponse:
         caller = self._caller(context)
@@ -227,24 +238,24 @@ class StorageServicer(pb_grpc.StorageServicer):
     async def BatchSet(self, request: pb.BatchSetRequest, context: Context) -> pb.BatchSetResponse:
         entries = [
             BatchEntry(
-                key=entry.key,
-                value=entry.value,
-                content_type=entry.content_type,
-                metadata=dict(entry.metadata),
-                if_generation_match=optional_int(entry, "if_generation_match"),
-                crc32c_expected=optional_int(entry, "crc32c"),
+                entry.key,
+                entry.value,
+                entry.content_type,
+                dict(entry.metadata) if entry.metadata else {},
+                entry.if_generation_match if entry.HasField("if_generation_match") else None,
+                entry.crc32c if entry.HasField("crc32c") else None,
             )
             for entry in request.entries
         ]
         results = await self.engine.batch_set(self._caller(context), storage_type(request.storage_type), entries)
-        return pb.BatchSetResponse(
-            results=[
-                pb.BatchSetResult(error=_item_error(result))
-                if isinstance(result, errors.BlobstoreError)
-                else pb.BatchSetResult(object=object_to_pb(result))
-                for result in results
-            ]
-        )
+        response = pb.BatchSetResponse()
+        add = response.results.add
+        for result in results:
+            if isinstance(result, errors.BlobstoreError):
+                _fill_item_error(add().error, result)
+            else:
+                fill_object(add().object, result)
+        return response
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:
         keys = list(request.keys)
@@ -254,14 +265,17 @@ class StorageServicer(pb_grpc.StorageServicer):
             keys,
             max_total_bytes=self._max_message_bytes - BATCH_RESPONSE_SLACK,
         )
-        return pb.BatchGetResponse(
-            results=[
-                pb.BatchGetResult(key=key, error=_item_error(result))
-                if isinstance(result, errors.BlobstoreError)
-                else pb.BatchGetResult(key=key, object=object_to_pb(result[0]), value=result[1])
-                for key, result in zip(keys, results, strict=True)
-            ]
-        )
+        response = pb.BatchGetResponse()
+        add = response.results.add
+        for key, result in zip(keys, results, strict=True):
+            item = add()
+            item.key = key
+            if isinstance(result, errors.BlobstoreError):
+                _fill_item_error(item.error, result)
+            else:
+                fill_object(item.object, result[0])
+                item.value = result[1]
+        return response
 
     async def GetLimits(self, request: pb.GetLimitsRequest, context: Context) -> pb.GetLimitsResponse:
         caller = self._caller(context)
@@ -281,8 +295,11 @@ class StorageServicer(pb_grpc.StorageServicer):
         )
 
 
-def _item_error(exc: errors.BlobstoreError) -> pb.ItemError:
-    return pb.ItemError(code=status.grpc_code_number(exc), message=exc.message, reason=exc.reason)
+def _fill_item_error(message: pb.ItemError, exc: errors.BlobstoreError) -> None:
+    message.SetInParent()
+    message.code = status.grpc_code_number(exc)
+    message.message = exc.message
+    message.reason = exc.reason
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -129,5 +130,104 @@ def test_a_quota_fails_the_entries_past_it_alone(tmp_path: Path, run: Run) -> No
         assert [isinstance(result, ObjectInfo) for result in results] == [True, True, False]
         assert isinstance(results[2], errors.QuotaExceeded)
         assert engine.usage(ANONYMOUS.namespace).objects == 2
+    finally:
+        engine.close()
+
+
+def test_quota_and_precondition_failures_mixed_with_good_entries(tmp_path: Path, run: Run) -> None:
+    # Each entry is judged against the usage the entries before it left: an overwrite that does not
+    # grow the count still fits once the namespace is full, a new key does not.
+    config = EngineConfig(quotas=QuotaConfig(max_objects=3, max_bytes=100))
+    engine = open_engine(str(tmp_path / "mixed"), config)
+    try:
+        first = run(engine.set(ANONYMOUS, DATA, "old", b"12345"))
+        entries = [
+            BatchEntry("new-1", b"a" * 10),
+            BatchEntry("old", b"x" * 7, if_generation_match=first.generation + 99),  # stale precondition
+            BatchEntry("new-2", b"b" * 95),  # past max_bytes: 5 + 10 + 95 > 100
+            BatchEntry("new-2", b"b" * 20),  # the same key again, small enough
+            BatchEntry("new-3", b"c"),  # past max_objects: old, new-1, new-2 are there
+            BatchEntry("old", b"y" * 6, if_generation_match=first.generation),  # overwrite: no new object
+            BatchEntry("new-1", b"", if_generation_match=0),  # exists by now
+        ]
+        results = run(engine.batch_set(ANONYMOUS, DATA, entries))
+        kinds = [type(result).__name__ for result in results]
+        assert kinds == [
+            "ObjectInfo",
+            "GenerationMismatch",
+            "QuotaExceeded",
+            "ObjectInfo",
+            "QuotaExceeded",
+            "ObjectInfo",
+            "GenerationMismatch",
+        ]
+        usage = engine.usage(ANONYMOUS.namespace)
+        assert (usage.objects, usage.bytes) == (3, 10 + 20 + 6)
+        assert run(engine.get(ANONYMOUS, DATA, "old"))[1] == b"y" * 6
+        assert run(engine.get(ANONYMOUS, DATA, "new-2"))[1] == b"b" * 20
+        assert not engine.exists(ANONYMOUS, DATA, "new-3")
+        stored = [result for result in results if isinstance(result, ObjectInfo)]
+        assert [info.generation for info in stored] == sorted({info.generation for info in stored})
+        assert all(info.generation > first.generation for info in stored)
+    finally:
+        engine.close()
+    # What the batch left is what is on disk: reopened, the same values and usage.
+    engine = open_engine(str(tmp_path / "mixed"), config)
+    try:
+        assert run(engine.get(ANONYMOUS, DATA, "new-1"))[1] == b"a" * 10
+        usage = engine.usage(ANONYMOUS.namespace)
+        assert (usage.objects, usage.bytes) == (3, 36)
+    finally:
+        engine.close()
+
+
+def test_generations_are_unique_and_increasing_across_concurrent_batches_and_sets(engine: Engine, run: Run) -> None:
+    async def together() -> list[list[ObjectInfo]]:
+        batches = [
+            engine.batch_set(ANONYMOUS, DATA, [BatchEntry(f"b{n}/{i}", bytes([i])) for i in range(30)])
+            for n in range(8)
+        ]
+        sets = [engine.set(ANONYMOUS, DATA, f"s{n}", b"v") for n in range(20)]
+        done: list[Any] = await asyncio.gather(*batches, *sets)
+        groups = [result if isinstance(result, list) else [result] for result in done]
+        assert all(isinstance(info, ObjectInfo) for group in groups for info in group)
+        return groups
+
+    groups = run(together())
+    generations = [info.generation for group in groups for info in group]
+    assert len(generations) == 8 * 30 + 20
+    assert len(set(generations)) == len(generations)
+    for group in groups:
+        assert [info.generation for info in group] == sorted(info.generation for info in group)
+    # Later writes get later generations, whichever path they take.
+    later = run(engine.set(ANONYMOUS, DATA, "later", b"v")).generation
+    assert later > max(generations)
+    again = run(engine.batch_set(ANONYMOUS, DATA, [BatchEntry("b0/0", b"w")]))[0]
+    assert isinstance(again, ObjectInfo) and again.generation > later
+
+
+def test_tmp_overwrites_in_one_batch_keep_one_expiry_entry(engine: Engine, run: Run) -> None:
+    tmp = StorageType.TMP
+    run(engine.batch_set(ANONYMOUS, tmp, [BatchEntry("t", b"1"), BatchEntry("t", b"2"), BatchEntry("u", b"3")]))
+    with engine.index.reader() as r:
+        expiry = [schema.split_expiry_key(raw_key)[1] for raw_key, _ in r.scan(schema.EXPIRY, b"")]
+    assert sorted(expiry) == sorted(schema.object_key(ANONYMOUS.namespace, tmp, key) for key in ("t", "u"))
+    assert run(engine.get(ANONYMOUS, tmp, "t"))[1] == b"2"
+    assert engine.usage(ANONYMOUS.namespace).objects == 2
+
+
+def test_a_batch_that_fills_the_index_reports_each_entry(tmp_path: Path, run: Run) -> None:
+    # The one-transaction path cannot undo part of a batch: when the index fills up part-way, the
+    # batch runs again entry by entry, each with its own outcome, and nothing partial is visible.
+    engine = open_engine(str(tmp_path / "full"), EngineConfig(index_map_size=2 << 20))
+    try:
+        entries = [BatchEntry(f"k{i}", os.urandom(50 << 10)) for i in range(60)]
+        results = run(engine.batch_set(ANONYMOUS, DATA, entries))
+        stored = [entry for entry, result in zip(entries, results, strict=True) if isinstance(result, ObjectInfo)]
+        refused = [result for result in results if not isinstance(result, ObjectInfo)]
+        assert refused and all(isinstance(result, errors.ResourceExhausted) for result in refused)
+        for entry in stored:
+            assert run(engine.get(ANONYMOUS, DATA, entry.key))[1] == entry.value
+        assert engine.usage(ANONYMOUS.namespace).objects == len(stored)
     finally:
         engine.close()
