@@ -11,12 +11,16 @@ boto3 download_file, `--parallel` files at a time, each tool with its default se
 Reports the median throughput of the rounds and the ratio blobstore / boto3 (target >= 0.8),
 and, for scale, the same client against a blobstore on the embedded file + lmdb pair.
 Everything runs on this machine: the numbers include the servers' CPU, shared with the client.
+So it also reports the CPU seconds per GiB moved that each party spent (the blobstore server,
+the gateway's Ceph daemons, PostgreSQL, the client process): on a loaded machine throughput
+swings 2-3x between runs, while CPU per GiB says where a gap comes from and stays put.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -85,6 +89,45 @@ def _shared_pair(ceph: CephRgw, pg: Postgres) -> dict[str, str]:
     }
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of a process and its descendants (those alive, and the exited ones they reaped)."""
+    fields_of: dict[int, list[str]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        fields_of[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in fields_of:
+            ticks += sum(int(f) for f in fields_of[pid][11:15])  # utime stime cutime cstime
+        todo += children.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds each party spends during one timed phase."""
+
+    def __init__(self, parties: dict[str, list[int]]) -> None:
+        self.parties = parties
+
+    def snapshot(self) -> dict[str, float]:
+        seconds = {name: sum(tree_cpu_seconds(pid) for pid in pids) for name, pids in self.parties.items()}
+        seconds["client"] = own_cpu_seconds()
+        return seconds
+
+
 def timed(parallel: int, work: Callable[[int], object], count: int) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
@@ -124,6 +167,22 @@ def main() -> None:
         results: dict[str, list[float]] = {
             f"{d}_{n}": [] for d in ("up", "down") for n in ("blobstore", "boto3", "local")
         }
+        meter = CpuMeter(
+            {
+                "server": [server.pid],
+                "gateway": [process.pid for process in ceph.processes],
+                "postgres": [pg.process.pid] if pg.process is not None else [],
+            }
+        )
+        cpu_used: dict[str, dict[str, float]] = {key: {} for key in results}
+
+        def measure(key: str, parallel: int, work: Callable[[int], object]) -> None:
+            before = meter.snapshot()
+            results[key].append(total / timed(parallel, work, options.files) / 1e6)
+            after = meter.snapshot()
+            for party, seconds in after.items():
+                cpu_used[key][party] = cpu_used[key].get(party, 0.0) + seconds - before[party]
+
         for round_number in range(options.rounds):
             files = []
             for i in range(options.files):
@@ -161,9 +220,9 @@ def main() -> None:
             if round_number % 2:
                 order.reverse()
             for name, up, _ in order:
-                results[f"up_{name}"].append(total / timed(options.parallel, up, options.files) / 1e6)
+                measure(f"up_{name}", options.parallel, up)
             for name, _, down in order:
-                results[f"down_{name}"].append(total / timed(options.parallel, down, options.files) / 1e6)
+                measure(f"down_{name}", options.parallel, down)
             for i in range(options.files):
                 if (out / f"b{i}").read_bytes() != files[i].read_bytes():
                     raise SystemExit(f"blobstore returned different bytes for {keys[i]}")
@@ -189,6 +248,11 @@ def main() -> None:
             for name in ("blobstore", "boto3", "local"):
                 values = ", ".join(f"{v:.0f}" for v in results[f"{direction}_{name}"])
                 print(f"      rounds {name:9} {values}")
+            for name in ("blobstore", "boto3"):
+                gib = options.rounds * total / (1 << 30)
+                used = {party: seconds / gib for party, seconds in cpu_used[f"{direction}_{name}"].items()}
+                parts = "  ".join(f"{party} {seconds:.2f}" for party, seconds in used.items())
+                print(f"      CPU s/GiB {name:9} {parts}  = {sum(used.values()):.2f}")
     finally:
         for process in (server, local):
             if process is not None and process.poll() is None:
