@@ -69,7 +69,8 @@ def test_resuming_in_a_new_process_verifies_the_stored_chunks(tmp_path: Path, cl
     finally:
         engine.close()
     victim = _chunk_files(tmp_path)[0]
-    victim.write_bytes(b"\x00" + victim.read_bytes()[1:])
+    original = victim.read_bytes()
+    victim.write_bytes(bytes([original[0] ^ 0xFF]) + original[1:])  # always a change, whatever the byte
     engine = _engine(tmp_path, clock)
     try:
         sessions = UploadSessions(engine)

@@ -60,7 +60,8 @@ def test_every_signed_field_is_bound() -> None:
     assert reason(name="a/c") == "URL_SIGNATURE_MISMATCH"
     assert reason(ns="ns2") == "URL_SIGNATURE_MISMATCH"
     assert reason(expires=str(expires + 1)) == "URL_SIGNATURE_MISMATCH"
-    assert reason(sig="x" + query["sig"][1:]) == "URL_SIGNATURE_MISMATCH"
+    first = "y" if query["sig"].startswith("x") else "x"  # a change whatever the signature begins with
+    assert reason(sig=first + query["sig"][1:]) == "URL_SIGNATURE_MISMATCH"
     assert reason(sig="") == "URL_NOT_SIGNED"
     assert reason(expires="-1") == "URL_MALFORMED"
     clock.advance(60)
