@@ -259,9 +259,7 @@ class AsyncStorage(_Client):
         size: int | None = None,
     ) -> str:
         """Opens a resumable upload session on the server; returns its id (see set_file's upload_id)."""
-        spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
-        if size is not None:
-            spec.size = size
+        spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match, size)
         return await self._start_session(spec)
 
     async def _start_session(self, spec: pb.UploadSpec) -> str:

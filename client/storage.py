@@ -215,6 +215,7 @@ def upload_spec(
     content_type: str | None,
     metadata: Mapping[str, str] | None,
     if_generation_match: int | None,
+    size: int | None = None,
 ) -> pb.UploadSpec:
     spec = pb.UploadSpec(
         key=key,
@@ -224,6 +225,8 @@ def upload_spec(
     )
     if if_generation_match is not None:
         spec.if_generation_match = if_generation_match
+    if size is not None:
+        spec.size = size
     return spec
 
 
@@ -767,10 +770,7 @@ class Storage(_Client):
         size: int | None = None,
     ) -> str:
         """Opens a resumable upload session on the server; returns its id (see set_file's upload_id)."""
-        spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
-        if size is not None:
-            spec.size = size
-        return self._start_session(spec)
+        return self._start_session(upload_spec(key, storage_type, content_type, metadata, if_generation_match, size))
 
     def _start_session(self, spec: pb.UploadSpec) -> str:
         with _translated():

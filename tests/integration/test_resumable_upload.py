@@ -8,7 +8,7 @@ import io
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import google_crc32c
@@ -167,46 +167,25 @@ def test_a_second_writer_on_one_session_is_aborted(server: RunningServer) -> Non
         assert storage.get("contended") == b"a" * 1000
 
 
-def test_set_file_resumes_across_a_server_crash(tmp_path: Path) -> None:
+def _sync_upload(address: str, source: Path, upload_id: str) -> object:
+    with Storage(address, retries=8) as storage:
+        return storage.set_file("big.bin", str(source), upload_id=upload_id)
+
+
+def _async_upload(address: str, source: Path, upload_id: str) -> object:
+    async def upload() -> object:
+        async with AsyncStorage(address, retries=8) as storage:
+            return await storage.set_file("big.bin", str(source), upload_id=upload_id)
+
+    return asyncio.run(upload())
+
+
+@pytest.mark.parametrize("upload", [_sync_upload, _async_upload], ids=["Storage", "AsyncStorage"])
+def test_set_file_resumes_across_a_server_crash(tmp_path: Path, upload: Callable[[str, Path, str], object]) -> None:
     source = tmp_path / "big.bin"
     data = os.urandom(24 * MiB)
     source.write_bytes(data)
     # Small chunks make the server checkpoint often (every 16 chunks = 1 MiB).
-    process = ServerProcess(tmp_path / "data", chunk_size=64 << 10)
-    process.start()
-    try:
-        with Storage(process.address, retries=8) as storage, Storage(process.address) as observer:
-            upload_id = storage.start_upload("big.bin")
-            failure: list[BaseException] = []
-            result: list[object] = []
-
-            def upload() -> None:
-                try:
-                    result.append(storage.set_file("big.bin", str(source), upload_id=upload_id))
-                except BaseException as exc:
-                    failure.append(exc)
-
-            uploader = threading.Thread(target=upload)
-            uploader.start()
-            while observer.query_upload(upload_id).persisted_size == 0 and uploader.is_alive():
-                threading.Event().wait(0.01)
-            process.kill()
-            process.start()
-            survived = observer.query_upload(upload_id).persisted_size
-            uploader.join(120)
-            assert not failure, failure
-            assert result, "the upload did not finish"
-            # The session kept what was durable before the crash, so the client went on from there.
-            assert survived > 0 or observer.query_upload(upload_id).object is not None
-            assert hashlib.sha256(observer.get("big.bin")).digest() == hashlib.sha256(data).digest()
-    finally:
-        process.stop()
-
-
-def test_async_set_file_resumes_across_a_server_crash(tmp_path: Path) -> None:
-    source = tmp_path / "big.bin"
-    data = os.urandom(24 * MiB)
-    source.write_bytes(data)
     process = ServerProcess(tmp_path / "data", chunk_size=64 << 10)
     process.start()
     try:
@@ -215,13 +194,9 @@ def test_async_set_file_resumes_across_a_server_crash(tmp_path: Path) -> None:
             failure: list[BaseException] = []
             result: list[object] = []
 
-            async def upload() -> None:
-                async with AsyncStorage(process.address, retries=8) as storage:
-                    result.append(await storage.set_file("big.bin", str(source), upload_id=upload_id))
-
             def run_upload() -> None:
                 try:
-                    asyncio.run(upload())
+                    result.append(upload(process.address, source, upload_id))
                 except BaseException as exc:
                     failure.append(exc)
 
@@ -235,6 +210,7 @@ def test_async_set_file_resumes_across_a_server_crash(tmp_path: Path) -> None:
             uploader.join(120)
             assert not failure, failure
             assert result, "the upload did not finish"
+            # The session kept what was durable before the crash, so the client went on from there.
             assert survived > 0 or observer.query_upload(upload_id).object is not None
             assert hashlib.sha256(observer.get("big.bin")).digest() == hashlib.sha256(data).digest()
     finally:
