@@ -959,7 +959,7 @@ def backoff(attempt: int) -> None:
 
 
 class WriteBehind:
-    """Writes a download's pieces on a thread of its own, at most `depth` pieces behind the receiver.
+    """Writes a download's pieces on a thread of its own, at most `window` bytes behind the receiver.
 
     The receiving thread checks each piece's CRC32C and feeds the SHA-256 while the pieces
     before it go into the file: both release the GIL, so on two cores the checks cost the
@@ -968,20 +968,28 @@ class WriteBehind:
     write() or drain().
     """
 
-    def __init__(self, fobj: BinaryIO, depth: int = 4) -> None:
+    def __init__(self, fobj: BinaryIO, window: int = 4 << 20) -> None:
         self._fobj = fobj
-        self._depth = depth
-        self._pending: deque[Future[int]] = deque()
+        # Bytes, not pieces: servers on S3 send 4 MiB messages, and memory must stay bounded.
+        self._window = window
+        self._queued = 0
+        self._pending: deque[tuple[Future[int], int]] = deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="blobstore-write")
 
     def write(self, data: bytes) -> None:
-        while len(self._pending) >= self._depth:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._fobj.write, data))
+        while self._pending and self._queued + len(data) > self._window:
+            self._wait_oldest()
+        self._pending.append((self._pool.submit(self._fobj.write, data), len(data)))
+        self._queued += len(data)
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._queued -= size
+        future.result()
 
     def __enter__(self) -> WriteBehind:
         return self

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import google_crc32c
@@ -38,6 +38,9 @@ CallerResolver = Callable[[Context], Caller]
 
 # Room kept in a BatchGet response for its framing, besides what batch_get counts per entry.
 BATCH_RESPONSE_SLACK = 16 << 10
+# Download messages carry at most this much, whatever the chunk size (4 MiB on S3): a client
+# then holds a few MiB in flight, not a few chunks, and checks and writes in smaller steps.
+DOWNLOAD_MESSAGE_BYTES = 1 << 20
 
 
 def _anonymous(context: Context) -> Caller:
@@ -163,13 +166,14 @@ class StorageServicer(pb_grpc.StorageServicer):
                 ),
             )
             async for data, crc in download.pieces():
-                self._check_running()
-                if first is not None:
-                    first.data, first.crc32c = data, crc
-                    yield first
-                    first = None
-                else:
-                    yield pb.DownloadResponse(data=data, crc32c=crc)
+                for piece, piece_crc in _message_sized(data, crc):
+                    self._check_running()
+                    if first is not None:
+                        first.data, first.crc32c = piece, piece_crc
+                        yield first
+                        first = None
+                    else:
+                        yield pb.DownloadResponse(data=piece, crc32c=piece_crc)
             if first is not None:
                 first.crc32c = google_crc32c.value(b"")
                 yield first
@@ -380,3 +384,14 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
             await _abort(context, method, exc)
 
     return wrapper
+
+
+def _message_sized(data: bytes, crc: int) -> Iterator[tuple[bytes, int]]:
+    """`data` cut into Download messages of at most DOWNLOAD_MESSAGE_BYTES, each with its CRC32C."""
+    if len(data) <= DOWNLOAD_MESSAGE_BYTES:
+        yield data, crc
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), DOWNLOAD_MESSAGE_BYTES):
+        piece = bytes(view[start : start + DOWNLOAD_MESSAGE_BYTES])
+        yield piece, google_crc32c.value(piece)

@@ -8,6 +8,7 @@ own configuration: the window is always exceeded, whatever the backend.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from collections.abc import Iterator
@@ -18,9 +19,10 @@ import grpc
 import pytest
 
 from blobstore.client.storage import Storage, channel_options
+from blobstore.server.engine import EngineConfig, open_engine
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, start_server, stop_server
 
 
 @pytest.fixture
@@ -94,3 +96,24 @@ def test_a_cancelled_download_releases_its_chunks(
     while list(store.iter_digests()):
         assert time.monotonic() < deadline, "chunks of the cancelled download were never released"
         time.sleep(0.1)
+
+
+@pytest.mark.file_store
+def test_download_messages_stay_small_when_chunks_are_large(tmp_path: Path) -> None:
+    # A chunk store with 4 MiB chunks (what the s3 backend uses) still streams 1 MiB messages,
+    # each with its own CRC32C, so a client never holds more than a few MiB in flight.
+    data_dir = tmp_path / "data"
+    running = start_server(data_dir, engine=open_engine(str(data_dir), EngineConfig(chunk_size=4 << 20)))
+    try:
+        data = os.urandom(2 * (4 << 20) + 123_456)
+        with running.client() as storage:
+            storage.set_file("large-chunks", io.BytesIO(data))
+        with grpc.insecure_channel(running.address, options=channel_options()) as channel:
+            stub = pb_grpc.StorageStub(channel)
+            for offset in (0, (4 << 20) - 10):
+                messages = list(stub.Download(pb.DownloadRequest(key="large-chunks", read_offset=offset)))
+                assert all(len(m.data) <= 1 << 20 for m in messages)
+                assert all(google_crc32c.value(m.data) == m.crc32c for m in messages)
+                assert b"".join(m.data for m in messages) == data[offset:]
+    finally:
+        stop_server(running)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 
 import google_crc32c
 import pytest
 
 from blobstore.client.errors import DataLossError
-from blobstore.client.storage import DownloadState, next_upload_request
+from blobstore.client.storage import DownloadState, WriteBehind, next_upload_request
 from blobstore.client.transfer import UploadSource, remaining_size
 from blobstore.v1 import storage_pb2 as pb
 
@@ -122,3 +123,30 @@ def test_downloads_check_the_crc32c_always_and_the_sha256_when_asked() -> None:
         _download(data, sha256_recorded=good, sha256=False, crc_flip=1).finish()
     with pytest.raises(DataLossError, match="in transit"):
         DownloadState("k", "data", retries=0).accept(pb.DownloadResponse(data=b"abc", crc32c=1))
+
+
+class _GatedFile(io.BytesIO):
+    """A file whose writes wait until the gate opens, like a slow disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.gate.wait(30)
+        return super().write(data)
+
+
+def test_write_behind_holds_at_most_its_window_of_bytes() -> None:
+    piece = 4 << 20
+    sink = _GatedFile()
+    with WriteBehind(sink, window=piece) as writer:
+        writer.write(b"a" * piece)  # queued: the window is full, the disk has not taken it yet
+        second = threading.Thread(target=writer.write, args=(b"b" * piece,))
+        second.start()
+        second.join(0.5)
+        assert second.is_alive(), "a second piece was queued beyond the window"
+        sink.gate.set()
+        second.join(30)
+        writer.drain()
+    assert sink.getvalue() == b"a" * piece + b"b" * piece
