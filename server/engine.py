@@ -743,24 +743,18 @@ class Engine:
     ) -> tuple[ObjectInfo, bytes]:
         validate_key(key)
         self._check_readable(caller, storage_type)
-        okey = schema.object_key(caller.namespace, storage_type, key)
-        while True:
-            with self.index.reader() as r:
-                record = self._read_record(r, okey)
-            if record is None:
-                raise self._not_found(key, storage_type)
-            self._check_generation(key, record, generation)
+
+        def fits_a_unary_call(record: rec.ObjectRecord) -> None:
             if record.size > self.config.max_unary_value:
                 raise errors.ObjectTooLargeForUnary(
                     f"object {key!r} is {record.size} bytes; Get returns at most "
                     f"{self.config.max_unary_value}: use Download"
                 )
-            if not record.chunks:
-                return self._info(key, storage_type, record), bytes(record.inline_data)
-            pinned = self._pin_unless_replaced(okey, key, storage_type, record, generation)
-            if pinned is not None:
-                record = pinned
-                break
+
+        okey = schema.object_key(caller.namespace, storage_type, key)
+        record = self._pinned_record(okey, key, storage_type, generation, fits_a_unary_call)
+        if not record.chunks:
+            return self._info(key, storage_type, record), bytes(record.inline_data)
         try:
             parts = [await self._run(self._read_chunk, ref) for ref in record.chunks]
         finally:
@@ -822,6 +816,31 @@ class Engine:
             raise errors.GenerationMismatch(
                 f"object {key!r} is now at generation {record.generation}, not {generation}: it changed"
             )
+
+    def _pinned_record(
+        self,
+        okey: bytes,
+        key: str,
+        storage_type: StorageType,
+        generation: int | None,
+        check: Callable[[rec.ObjectRecord], None],
+    ) -> rec.ObjectRecord:
+        """The record to read `key` from, its chunks pinned (the caller unpins them); `check` may refuse it.
+
+        Reads racing an overwrite go on with the new version, unless `generation` pins the old one.
+        """
+        while True:
+            with self.index.reader() as r:
+                record = self._read_record(r, okey)
+            if record is None:
+                raise self._not_found(key, storage_type)
+            self._check_generation(key, record, generation)
+            check(record)
+            if not record.chunks:
+                return record
+            pinned = self._pin_unless_replaced(okey, key, storage_type, record, generation)
+            if pinned is not None:
+                return pinned
 
     def _pin_unless_replaced(
         self, okey: bytes, key: str, storage_type: StorageType, record: rec.ObjectRecord, wanted: int | None
@@ -894,22 +913,14 @@ class Engine:
         self._check_readable(caller, storage_type)
         if offset < 0 or limit < 0:
             raise errors.InvalidArgument("read_offset and read_limit must not be negative")
-        okey = schema.object_key(caller.namespace, storage_type, key)
-        while True:
-            with self.index.reader() as r:
-                record = self._read_record(r, okey)
-            if record is None:
-                raise self._not_found(key, storage_type)
-            self._check_generation(key, record, generation)
+
+        def starts_inside(record: rec.ObjectRecord) -> None:
             if offset > record.size:
                 raise errors.OutOfRange(f"read_offset {offset} is past the end of {key!r} ({record.size} bytes)")
-            end = record.size if limit == 0 else min(record.size, offset + limit)
-            if not record.chunks:
-                break
-            pinned = self._pin_unless_replaced(okey, key, storage_type, record, generation)
-            if pinned is not None:
-                record = pinned
-                break
+
+        okey = schema.object_key(caller.namespace, storage_type, key)
+        record = self._pinned_record(okey, key, storage_type, generation, starts_inside)
+        end = record.size if limit == 0 else min(record.size, offset + limit)
         return Download(self, self._info(key, storage_type, record), record, ByteRange(offset, end, record.size))
 
     # ------------------------------------------------------------------ listing
@@ -1339,14 +1350,13 @@ class Download:
             for future in inflight:
                 future.add_done_callback(_close_result)
 
-    async def pieces(self) -> AsyncGenerator[tuple[bytes, int], None]:
-        """Yields (data, crc32c of data) in order, at most one chunk each."""
+    async def pieces(self, max_bytes: int | None = None) -> AsyncGenerator[tuple[bytes, int], None]:
+        """Yields (data, crc32c of data) in order: at most one chunk each, and at most `max_bytes`."""
         start, end = self.range.start, self.range.end
         record = self._record
         if not record.chunks:
-            data = record.inline_data[start:end]
-            if data:
-                yield data, (record.crc32c if len(data) == record.size else crc32c(data))
+            for piece in _cut(record.inline_data, start, end, record.crc32c, max_bytes):
+                yield piece
             return
         wanted = self._spans()
         loop = asyncio.get_running_loop()
@@ -1360,11 +1370,8 @@ class Download:
                     inflight.append(loop.run_in_executor(engine.executor, engine._read_chunk, wanted[next_index][0]))
                     next_index += 1
                 data = await inflight.pop(0)
-                if lo == 0 and hi == ref.size:
-                    yield data, ref.crc32c
-                else:
-                    piece = data[lo:hi]
-                    yield piece, crc32c(piece)
+                for piece in _cut(data, lo, hi, ref.crc32c, max_bytes):
+                    yield piece
         finally:
             for future in inflight:
                 future.cancel()
@@ -1374,6 +1381,20 @@ class Download:
             self._closed = True
             if self._record.chunks:
                 self.engine._unpin_and_collect([bytes(ref.sha256) for ref in self._record.chunks])
+
+
+def _cut(data: bytes, lo: int, hi: int, crc_of_data: int, max_bytes: int | None) -> Iterator[tuple[bytes, int]]:
+    """data[lo:hi] in pieces of at most `max_bytes`, each with its CRC32C (`crc_of_data` when it is all of data)."""
+    if hi <= lo:
+        return
+    if lo == 0 and hi == len(data) and (max_bytes is None or hi <= max_bytes):
+        yield data, crc_of_data
+        return
+    step = hi - lo if max_bytes is None else max_bytes
+    view = memoryview(data)
+    for start in range(lo, hi, step):
+        piece = bytes(view[start : min(hi, start + step)])
+        yield piece, crc32c(piece)
 
 
 def _close_result(future: asyncio.Future[BinaryIO]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import google_crc32c
@@ -165,15 +165,14 @@ class StorageServicer(pb_grpc.StorageServicer):
                     start=download.range.start, end=download.range.end, complete_length=download.range.complete_length
                 ),
             )
-            async for data, crc in download.pieces():
-                for piece, piece_crc in _message_sized(data, crc):
-                    self._check_running()
-                    if first is not None:
-                        first.data, first.crc32c = piece, piece_crc
-                        yield first
-                        first = None
-                    else:
-                        yield pb.DownloadResponse(data=piece, crc32c=piece_crc)
+            async for data, crc in download.pieces(max_bytes=DOWNLOAD_MESSAGE_BYTES):
+                self._check_running()
+                if first is not None:
+                    first.data, first.crc32c = data, crc
+                    yield first
+                    first = None
+                else:
+                    yield pb.DownloadResponse(data=data, crc32c=crc)
             if first is not None:
                 first.crc32c = google_crc32c.value(b"")
                 yield first
@@ -384,14 +383,3 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
             await _abort(context, method, exc)
 
     return wrapper
-
-
-def _message_sized(data: bytes, crc: int) -> Iterator[tuple[bytes, int]]:
-    """`data` cut into Download messages of at most DOWNLOAD_MESSAGE_BYTES, each with its CRC32C."""
-    if len(data) <= DOWNLOAD_MESSAGE_BYTES:
-        yield data, crc
-        return
-    view = memoryview(data)
-    for start in range(0, len(data), DOWNLOAD_MESSAGE_BYTES):
-        piece = bytes(view[start : start + DOWNLOAD_MESSAGE_BYTES])
-        yield piece, google_crc32c.value(piece)
