@@ -280,14 +280,13 @@ def next_upload_request(
             return None
         offset = source.offset
         data = source.read(chunk_size)
-        crc, sha = source.crc, source.sha.digest()
-    message = pb.UploadRequest(write_offset=offset, data=data)
+        message = pb.UploadRequest(write_offset=offset, data=data)
+        if not data:  # the end: the whole-object checksums, taken while no retry can move them
+            message.finish_write = True
+            message.object_checksums.crc32c = source.crc
+            message.object_checksums.sha256 = source.sha.digest()
     if data:
         message.crc32c = google_crc32c.value(data)
-    else:
-        message.finish_write = True
-        message.object_checksums.crc32c = crc
-        message.object_checksums.sha256 = sha
     if first:
         if upload_id:
             message.upload_id = upload_id
