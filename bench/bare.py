@@ -89,11 +89,19 @@ class Canned:
             pass
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
-    def first_download_message(self) -> pb.DownloadResponse:
+    def download_messages(self) -> Iterator[pb.DownloadResponse]:
+        """The blob as blobstore streams it: the object and range in the first message, CRC32C in each."""
         size = self.blob_object.size
-        return pb.DownloadResponse(
+        first: pb.DownloadResponse | None = pb.DownloadResponse(
             object=self.blob_object, content_range=pb.ContentRange(start=0, end=size, complete_length=size)
         )
+        for data, crc in self.pieces:
+            if first is not None:
+                first.data, first.crc32c = data, crc
+                yield first
+                first = None
+            else:
+                yield pb.DownloadResponse(data=data, crc32c=crc)
 
 
 class AioBare(pb_grpc.StorageServicer):
@@ -123,14 +131,8 @@ class AioBare(pb_grpc.StorageServicer):
         return pb.UploadResponse(object=self.canned.object("upload", size, 0), persisted_size=size)
 
     async def Download(self, request: pb.DownloadRequest, context: Any) -> AsyncIterator[pb.DownloadResponse]:
-        first: pb.DownloadResponse | None = self.canned.first_download_message()
-        for data, crc in self.canned.pieces:
-            if first is not None:
-                first.data, first.crc32c = data, crc
-                yield first
-                first = None
-            else:
-                yield pb.DownloadResponse(data=data, crc32c=crc)
+        for message in self.canned.download_messages():
+            yield message
 
 
 class SyncBare(pb_grpc.StorageServicer):
@@ -160,14 +162,7 @@ class SyncBare(pb_grpc.StorageServicer):
         return pb.UploadResponse(object=self.canned.object("upload", size, 0), persisted_size=size)
 
     def Download(self, request: pb.DownloadRequest, context: Any) -> Iterator[pb.DownloadResponse]:
-        first: pb.DownloadResponse | None = self.canned.first_download_message()
-        for data, crc in self.canned.pieces:
-            if first is not None:
-                first.data, first.crc32c = data, crc
-                yield first
-                first = None
-            else:
-                yield pb.DownloadResponse(data=data, crc32c=crc)
+        yield from self.canned.download_messages()
 
 
 async def serve_aio(canned: Canned, port: int) -> None:

@@ -164,6 +164,19 @@ def cpu_detail(res: Results, case: str, who: tuple[str, ...]) -> str:
     return f"{case} CPU seconds per GiB (median, server + client): " + ", ".join(parts)
 
 
+def measured_transfer(
+    res: Results, sample: str, service: Service, mode: str, path: Path, size: int
+) -> dict[str, float]:
+    """One large transfer with `service` (key "big"): its rate under `sample`, and the CPU per GiB
+    of the service and the client under cpu.SAMPLE.server / cpu.SAMPLE.client."""
+    cpu = service.cpu_seconds()
+    done = transfer(mode, service.address, path)
+    res.sample(sample, mb_per_s(size, done["seconds"]))
+    res.sample(f"cpu.{sample}.server", (service.cpu_seconds() - cpu) * GiB / size)
+    res.sample(f"cpu.{sample}.client", done["client_cpu"] * GiB / size)
+    return done
+
+
 def transfer(mode: str, address: str, path: Path, key: str = "big") -> dict[str, float]:
     return procs.run_json([PYTHON, "-m", "bench.transfer", mode, address, str(path), key])
 
@@ -198,11 +211,7 @@ def case_upload(cfg: Config, res: Results, source: Path) -> None:
         log(f"upload {rep + 1}/{cfg.repeat}: bare aio servicer")
         bare = procs.start_bare(work / "bare", "aio")
         try:
-            cpu = bare.cpu_seconds()
-            done = transfer("bare-upload", bare.address, source)
-            res.sample("upload.bare", mb_per_s(size, done["seconds"]))
-            res.sample("cpu.upload.bare.server", (bare.cpu_seconds() - cpu) * GiB / size)
-            res.sample("cpu.upload.bare.client", done["client_cpu"] * GiB / size)
+            measured_transfer(res, "upload.bare", bare, "bare-upload", source, size)
         finally:
             bare.stop()
             (work / "bare" / "upload.bin").unlink(missing_ok=True)
@@ -211,12 +220,8 @@ def case_upload(cfg: Config, res: Results, source: Path) -> None:
         server = procs.start_blobstore(work / "blobstore")
         try:
             server.reset_peak_rss()
-            cpu = server.cpu_seconds()
             with profiled(cfg, server, "upload") if rep == 0 else contextlib.nullcontext():
-                done = transfer("ours-upload", server.address, source, "big")
-            res.sample("upload.ours", mb_per_s(size, done["seconds"]))
-            res.sample("cpu.upload.ours.server", (server.cpu_seconds() - cpu) * GiB / size)
-            res.sample("cpu.upload.ours.client", done["client_cpu"] * GiB / size)
+                done = measured_transfer(res, "upload.ours", server, "ours-upload", source, size)
             res.sample("rss.upload.server", server.peak_rss_mb())
             res.sample("rss.upload.client", done["client_peak_rss_mb"])
             again = transfer("ours-upload", server.address, source, "big-again")
@@ -251,21 +256,13 @@ def case_download(cfg: Config, res: Results, source: Path) -> None:
         for rep in range(cfg.repeat):
             log(f"download {rep + 1}/{cfg.repeat}: blobstore get_file, bare sync, bare aio")
             server.reset_peak_rss()
-            cpu = server.cpu_seconds()
             with profiled(cfg, server, "download") if rep == 0 else contextlib.nullcontext():
-                done = transfer("ours-download", server.address, target, "big")
-            res.sample("download.ours", mb_per_s(size, done["seconds"]))
-            res.sample("cpu.download.ours.server", (server.cpu_seconds() - cpu) * GiB / size)
-            res.sample("cpu.download.ours.client", done["client_cpu"] * GiB / size)
+                done = measured_transfer(res, "download.ours", server, "ours-download", target, size)
             res.sample("rss.download.server", server.peak_rss_mb())
             res.sample("rss.download.client", done["client_peak_rss_mb"])
             target.unlink()
             for name, bare in (("sync", bare_sync), ("aio", bare_aio)):
-                cpu = bare.cpu_seconds()
-                done = transfer("bare-download", bare.address, target)
-                res.sample(f"download.bare-{name}", mb_per_s(size, done["seconds"]))
-                res.sample(f"cpu.download.bare-{name}.server", (bare.cpu_seconds() - cpu) * GiB / size)
-                res.sample(f"cpu.download.bare-{name}.client", done["client_cpu"] * GiB / size)
+                measured_transfer(res, f"download.bare-{name}", bare, "bare-download", target, size)
                 target.unlink()
     finally:
         for service in (server, bare_sync, bare_aio):
