@@ -29,11 +29,12 @@ from blobstore.client.storage import (
     _Client,
     _open_for_reading,
     backoff_delay,
-    cannot_resume,
     encode_value,
     keyed_request,
     list_request,
     next_upload_request,
+    restart_stream,
+    resume_stream,
     set_request,
     signed_url_request,
     transient,
@@ -165,7 +166,7 @@ class AsyncStorage(_Client):
     ) -> ObjectInfo:
         attempts = self.retries if not spec.HasField("if_generation_match") else 0
         for attempt in range(attempts + 1):
-            generation = await asyncio.to_thread(self._rewind_to_start, source)
+            generation = await asyncio.to_thread(restart_stream, source)
             try:
                 response = await self._stub.Upload(
                     self._upload_messages(source, generation, progress, spec=spec), metadata=self._metadata
@@ -178,12 +179,6 @@ class AsyncStorage(_Client):
                 await asyncio.sleep(backoff_delay(attempt))
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _rewind_to_start(source: UploadSource) -> int:
-        with source.lock:
-            source.rewind(0)
-            return source.generation
-
     async def _upload_session(self, upload_id: str, source: UploadSource, progress: Progress | None) -> ObjectInfo:
         attempt = 0
         persisted = -1
@@ -195,7 +190,7 @@ class AsyncStorage(_Client):
                 if status.persisted_size > persisted:
                     attempt = 0  # progress since the last failure: the retry budget starts over
                 persisted = status.persisted_size
-                generation = await asyncio.to_thread(self._rewind_to, source, upload_id, persisted)
+                generation = await asyncio.to_thread(resume_stream, source, upload_id, persisted)
                 response = await self._stub.Upload(
                     self._upload_messages(source, generation, progress, upload_id=upload_id),
                     metadata=self._metadata,
@@ -209,12 +204,6 @@ class AsyncStorage(_Client):
                     raise error from None
                 await asyncio.sleep(backoff_delay(attempt))
                 attempt += 1
-
-    def _rewind_to(self, source: UploadSource, upload_id: str, persisted: int) -> int:
-        with source.lock:
-            if not source.rewind(persisted):
-                raise cannot_resume(upload_id, persisted, self.resume_window)
-            return source.generation
 
     async def _upload_messages(
         self,

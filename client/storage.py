@@ -295,13 +295,24 @@ def next_upload_request(
     return message
 
 
-def cannot_resume(upload_id: str, persisted: int, window: int) -> errors.StorageError:
-    return errors.StorageError(
-        f"cannot resume upload {upload_id}: the server persisted {persisted} bytes and the "
-        "source cannot produce the bytes from there (a non-seekable stream keeps only its "
-        f"last {window} bytes; a seekable one may be shorter than that)",
-        reason="CANNOT_RESUME",
-    )
+def restart_stream(source: UploadSource) -> int:
+    """Takes `source` back to its start for a new stream; returns that stream's generation."""
+    with source.lock:
+        source.rewind(0)
+        return source.generation
+
+
+def resume_stream(source: UploadSource, upload_id: str, persisted: int) -> int:
+    """Takes `source` to the session's persisted size for a new stream; returns that stream's generation."""
+    with source.lock:
+        if not source.rewind(persisted):
+            raise errors.StorageError(
+                f"cannot resume upload {upload_id}: the server persisted {persisted} bytes and the "
+                "source cannot produce the bytes from there (a non-seekable stream keeps only its "
+                f"last {source.window} bytes; a seekable one may be shorter than that)",
+                reason="CANNOT_RESUME",
+            )
+        return source.generation
 
 
 class DownloadState:
@@ -679,9 +690,7 @@ class Storage(_Client):
         # Without a precondition a repeated upload is harmless, so a small file simply starts over.
         attempts = self.retries if not spec.HasField("if_generation_match") else 0
         for attempt in range(attempts + 1):
-            with source.lock:
-                source.rewind(0)
-                generation = source.generation
+            generation = restart_stream(source)
             try:
                 response = self._stub.Upload(
                     self._upload_messages(source, generation, progress, spec=spec),
@@ -707,10 +716,7 @@ class Storage(_Client):
                 if status.persisted_size > persisted:
                     attempt = 0  # progress since the last failure: the retry budget starts over
                 persisted = status.persisted_size
-                with source.lock:
-                    if not source.rewind(persisted):
-                        raise cannot_resume(upload_id, persisted, self.resume_window)
-                    generation = source.generation
+                generation = resume_stream(source, upload_id, persisted)
                 response = self._stub.Upload(
                     self._upload_messages(source, generation, progress, upload_id=upload_id),
                     metadata=self._metadata,
