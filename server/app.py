@@ -9,22 +9,23 @@ import signal
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from blobstore.server.auth import Authenticator, TokenStore, check_exposure, is_loopback
 from blobstore.server.backends import BackendConfig, ChunkStoreKind, IndexKind, PostgresConfig, S3Config
 from blobstore.server.engine import Engine, EngineConfig, open_engine
+from blobstore.server.handlers import wrapping
 from blobstore.server.health import HealthServicer
 from blobstore.server.http import AccessLogger, create_http_app
 from blobstore.server.logs import LogFormat
-from blobstore.server.metrics import Metrics, TelemetryInterceptor, instrument_http_app
+from blobstore.server.metrics import Metrics, instrument, instrument_http_app
 from blobstore.server.quotas import RateLimiter
-from blobstore.server.service import ErrorInterceptor, StorageServicer
+from blobstore.server.service import StorageServicer, map_errors
 from blobstore.server.sessions import UploadSessions
 from blobstore.server.signing import UrlSigner, load_secrets
 from blobstore.server.tls import TlsFiles
@@ -121,14 +122,16 @@ class BlobstoreServer:
             ("grpc.so_reuseport", 0),
         ]
         self.metrics = Metrics(self.engine)
-        # Telemetry outermost, so that it sees the status code ErrorInterceptor chose.
-        self.grpc = grpc.aio.server(
-            interceptors=[TelemetryInterceptor(self.metrics), ErrorInterceptor()], options=options
-        )
-        pb_grpc.add_StorageServicer_to_server(self.servicer, self.grpc)
+        self.grpc = grpc.aio.server(options=options)
         self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((STORAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        with wrapping(self.grpc, self._wrap_handler) as registrar:
+            pb_grpc.add_StorageServicer_to_server(self.servicer, registrar)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+            # What enable_server_reflection registers for an aio server, done here so it is wrapped too.
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer((STORAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)),
+                registrar,
+            )
         http_app = create_http_app(self.engine, self.signer)
         instrument_http_app(http_app, self.metrics)
         self.http = web.AppRunner(
@@ -139,6 +142,12 @@ class BlobstoreServer:
         self.ports: dict[str, int] = {}
         self._background: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+
+    def _wrap_handler(
+        self, service: str, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        # Telemetry outside the error mapping, so that it records the status code the client gets.
+        return instrument(self.metrics, service, method, map_errors(service, method, handler))
 
     @property
     def address(self) -> str:

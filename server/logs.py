@@ -8,8 +8,10 @@ never leaks into another request's lines).
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import secrets
 import sys
 from datetime import UTC, datetime
 from typing import Literal
@@ -17,6 +19,16 @@ from typing import Literal
 LogFormat = Literal["text", "json"]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("blobstore_request_id", default="")
+
+# Ids for requests that bring none: a random prefix per process and a counter. Unique
+# enough to find a request's lines, without a getrandom call on every request.
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
+
 
 # Fields a log call may add with extra={...}; JSON lines carry them as they are.
 EXTRA_FIELDS = ("request_id", "grpc_method", "grpc_code")

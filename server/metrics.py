@@ -1,4 +1,4 @@
-"""Prometheus metrics and the interceptor that records them, with a request id per RPC.
+"""Prometheus metrics and the wrapper that records them for every RPC method, with a request id per RPC.
 
 RPC metrics follow the names of go-grpc-prometheus (grpc_server_handled_total,
 grpc_server_handling_seconds, ...) so that existing dashboards work. Store
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -23,7 +22,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from blobstore.server.engine import Engine
-from blobstore.server.logs import request_id
+from blobstore.server.handlers import handler_kind, rebuild
+from blobstore.server.logs import new_request_id, request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 # From a cache hit to a multi-gigabyte stream.
@@ -132,53 +132,34 @@ RPC_TYPES = {
     "stream_unary": "client_stream",
     "stream_stream": "bidi_stream",
 }
-_HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id and records the RPC metrics; the outermost interceptor.
+def instrument(
+    metrics: Metrics, service: str, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` that sets the request id and records the RPC metrics: wrap it around the error mapping,
+    so that the status code it records is the one the client gets.
 
-    It wraps ErrorInterceptor, so the status code it sees is the one the client gets.
     Message bytes are counted in the (de)serializers: exact wire sizes at no extra cost.
     """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        kind = next(k for k in RPC_TYPES if getattr(handler, k) is not None)
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        labels = (service, method, RPC_TYPES[kind])
-        observe = _Observer(self.metrics, labels, _request_id(handler_call_details))
-        behavior = getattr(handler, kind)
-        # Streaming handlers that write through context.write (health Watch) are plain coroutines.
-        wrapped = observe.stream(behavior) if inspect.isasyncgenfunction(behavior) else observe.unary(behavior)
-        received = self.metrics.received_bytes.labels(method)
-        sent = self.metrics.sent_bytes.labels(method)
-        return _HANDLER_FACTORIES[kind](
-            wrapped,
-            request_deserializer=_counting(handler.request_deserializer, received),
-            response_serializer=_counting_out(handler.response_serializer, sent),
-        )
+    kind = handler_kind(handler)
+    observer = _Observer(metrics, (service, method, RPC_TYPES[kind]))
+    behavior = getattr(handler, kind)
+    # Streaming handlers that write through context.write (health Watch) are plain coroutines.
+    wrapped = observer.stream(behavior) if inspect.isasyncgenfunction(behavior) else observer.unary(behavior)
+    return rebuild(
+        handler,
+        wrapped,
+        _counting(handler.request_deserializer, metrics.received_bytes.labels(method)),
+        _counting_out(handler.response_serializer, metrics.sent_bytes.labels(method)),
+    )
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for name, value in details.invocation_metadata or ():
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for name, value in context.invocation_metadata() or ():
         if name == REQUEST_ID_HEADER and value:
             return value if isinstance(value, str) else value.decode(errors="replace")
-    return secrets.token_hex(8)
+    return new_request_id()
 
 
 def _counting(deserializer: Callable[[bytes], Any] | None, counter: Counter) -> Callable[[bytes], Any]:
@@ -199,29 +180,36 @@ def _counting_out(serializer: Callable[[Any], bytes] | None, counter: Counter) -
 
 
 class _Observer:
-    """Times one RPC and counts it under its final status code."""
+    """Times the RPCs of one method and counts them under their final status codes."""
 
-    def __init__(self, metrics: Metrics, labels: tuple[str, str, str], rid: str) -> None:
-        self.metrics = metrics
-        self.labels = labels
-        self.rid = rid
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        # The labelled children, looked up once rather than on every call.
+        self.started = metrics.started.labels(*labels)
+        self.in_progress = metrics.in_progress.labels(*labels)
+        self.latency = metrics.latency.labels(*labels)
+        self._handled = metrics.handled
+        self._labels = labels
+        self._handled_by_code: dict[str, Counter] = {}
 
-    def _begin(self) -> float:
+    def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
         # Each RPC runs in its own task: the id stays with this request's log lines.
-        request_id.set(self.rid)
-        self.metrics.started.labels(*self.labels).inc()
-        self.metrics.in_progress.labels(*self.labels).inc()
+        request_id.set(_request_id(context))
+        self.started.inc()
+        self.in_progress.inc()
         return time.perf_counter()
 
     def _end(self, began: float, context: grpc.aio.ServicerContext[Any, Any], failure: BaseException | None) -> None:
-        m = self.metrics
-        m.in_progress.labels(*self.labels).dec()
-        m.latency.labels(*self.labels).observe(time.perf_counter() - began)
-        m.handled.labels(*self.labels, _status_name(context, failure)).inc()
+        self.in_progress.dec()
+        self.latency.observe(time.perf_counter() - began)
+        code = _status_name(context, failure)
+        handled = self._handled_by_code.get(code)
+        if handled is None:
+            handled = self._handled_by_code[code] = self._handled.labels(*self._labels, code)
+        handled.inc()
 
     def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            began, failure = self._begin(), None
+            began, failure = self._begin(context), None
             try:
                 return await behavior(request, context)
             except BaseException as exc:
@@ -234,7 +222,7 @@ class _Observer:
 
     def stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            began, failure = self._begin(), None
+            began, failure = self._begin(context), None
             try:
                 async for response in behavior(request, context):
                     yield response
@@ -289,7 +277,7 @@ async def _http_telemetry(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     metrics = request.app[METRICS_KEY]
-    request_id.set(request.headers.get(REQUEST_ID_HEADER) or secrets.token_hex(8))
+    request_id.set(request.headers.get(REQUEST_ID_HEADER) or new_request_id())
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     began = time.perf_counter()

@@ -1,7 +1,7 @@
 """The gRPC servicer: protobuf in, engine call, protobuf out. Nothing else lives here.
 
-Errors are not handled per method: ErrorInterceptor maps every BlobstoreError
-through the one table in server/status.py.
+Errors are not handled per method: `map_errors` wraps every method once, mapping each
+BlobstoreError through the one table in server/status.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from blobstore.server.convert import (
     upload_spec,
 )
 from blobstore.server.engine import Engine, UploadWriter
+from blobstore.server.handlers import handler_kind, rebuild
 from blobstore.server.model import ANONYMOUS, BatchEntry, Caller
 from blobstore.server.sessions import ResumableUpload, UploadSessions
 from blobstore.server.signing import UrlSigner
@@ -305,39 +306,14 @@ def _fill_item_error(message: pb.ItemError, exc: errors.BlobstoreError) -> None:
     message.reason = exc.reason
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes for every method, once."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            # A handler that writes through context.write (health Watch) is a coroutine, not a generator.
-            wrap = _wrap_stream if inspect.isasyncgenfunction(handler.unary_stream) else _wrap_unary
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, method),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+def map_errors(service: str, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with every BlobstoreError mapped to its status code, through the one table."""
+    full_name = f"/{service}/{method}"
+    kind = handler_kind(handler)
+    behavior = getattr(handler, kind)
+    # A streaming handler that writes through context.write (health Watch) is a coroutine, not a generator.
+    wrap = _wrap_stream if inspect.isasyncgenfunction(behavior) else _wrap_unary
+    return rebuild(handler, wrap(behavior, full_name), handler.request_deserializer, handler.response_serializer)
 
 
 async def _abort(context: Context, method: str, exc: BaseException) -> None:
@@ -368,6 +344,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
     async def wrapper(request: Any, context: Context) -> Any:
         try:
             return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise  # the handler chose its status itself (health Check of an unknown service)
         except (errors.BlobstoreError, Exception) as exc:
             await _abort(context, method, exc)
 
@@ -379,6 +357,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
         try:
             async for response in behavior(request, context):
                 yield response
+        except grpc.aio.AbortError:
+            raise  # the handler chose its status itself (health Check of an unknown service)
         except (errors.BlobstoreError, Exception) as exc:
             await _abort(context, method, exc)
 

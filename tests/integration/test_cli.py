@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import signal
 import socket
 import struct
@@ -203,6 +204,9 @@ def test_serve_reads_config_file_env_and_flags_and_logs_json_with_request_ids(tm
             with pytest.raises(grpc.RpcError) as failure:
                 stub.Get(pb.GetRequest(key="absent"), metadata=(("x-request-id", "req-7f3a"),))
             assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+            for _ in range(2):  # no id given: the server makes one per request
+                with pytest.raises(grpc.RpcError):
+                    stub.Get(pb.GetRequest(key="absent-no-id"))
     finally:
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=60)
@@ -213,6 +217,9 @@ def test_serve_reads_config_file_env_and_flags_and_logs_json_with_request_ids(tm
     assert mine[0]["grpc_code"] == "NOT_FOUND"
     assert mine[0]["grpc_method"] == "/blobstore.v1.Storage/Get"
     assert "absent" in mine[0]["message"]
+    made = [line["request_id"] for line in lines if "absent-no-id" in line.get("message", "")]
+    assert len(made) == 2 and made[0] != made[1], made
+    assert all(re.fullmatch("[0-9a-f]{16}", rid) for rid in made), made
 
 
 def test_serve_rejects_a_bad_setting_with_exit_11(tmp_path: Path) -> None:

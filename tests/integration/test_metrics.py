@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
 from blobstore.client import NotFoundError, Storage
@@ -68,6 +70,26 @@ def test_metrics_count_requests_bytes_latency_and_store(server: RunningServer, s
     assert samples[("blobstore_chunk_bytes", ())] == len(blob)
     assert samples[("blobstore_dedup_ratio", ())] == 2.0
     assert samples[("blobstore_open_uploads", (("kind", "stream"),))] == 0
+
+
+def test_health_and_reflection_calls_are_counted_like_storage_calls(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        with pytest.raises(grpc.RpcError) as unknown:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "blobstore.v1.Storage" in ProtoReflectionDescriptorDatabase(channel).get_services()
+
+    samples = scrape(server)
+
+    def handled(service: str, method: str, kind: str, code: str) -> float:
+        labels = {"grpc_service": service, "grpc_method": method, "grpc_type": kind, "grpc_code": code}
+        return samples[("grpc_server_handled_total", tuple(sorted(labels.items())))]
+
+    assert handled("grpc.health.v1.Health", "Check", "unary", "OK") == 1
+    assert handled("grpc.health.v1.Health", "Check", "unary", "NOT_FOUND") == 1
+    reflection = "grpc.reflection.v1alpha.ServerReflection"
+    assert handled(reflection, "ServerReflectionInfo", "bidi_stream", "OK") == 1
 
 
 def test_signed_url_requests_are_counted(server: RunningServer, storage: Storage) -> None:
