@@ -111,7 +111,7 @@ class BlobstoreServer:
         self.sessions = UploadSessions(self.engine)
         self.servicer = StorageServicer(
             self.engine,
-            resolve_caller=lambda context: self.authenticator.caller_for(context.invocation_metadata() or ()),
+            resolve_caller=self.authenticator.caller_for,
             max_message_bytes=config.max_message_bytes,
             url_signer=self.signer,
             sessions=self.sessions,

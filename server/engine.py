@@ -154,6 +154,9 @@ class Engine:
         self._leases: ChunkLeases | None = None
         if getattr(index, "shared", False):
             self._leases = ChunkLeases(index, chunks, clock, lease_ttl_ns=self.config.chunk_lease_ttl_ns)
+        # LMDB answers a read from memory in microseconds; a shared index (PostgreSQL) takes
+        # network round trips, during which the event loop must go on serving everyone else.
+        self.reads_wait_on_network = bool(getattr(index, "shared", False))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,6 +196,13 @@ class Engine:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs `fn`, a synchronous read of the index, for a coroutine: inline when the index is
+        local, on a worker thread when its reads wait on the network."""
+        if self.reads_wait_on_network:
+            return await self._run(fn, *args)
+        return fn(*args)
 
     def _submit_releasing(self, op: Callable[[IndexWriter], tuple[T, list[bytes]]]) -> Future[tuple[T, list[bytes]]]:
         """Submits an op that returns (result, chunks it released). The released chunks are
@@ -280,6 +290,13 @@ class Engine:
                     freed.append(digest)
         if freed:
             self._collect(freed)
+
+    def _unpin_after_read(self, digests: list[bytes]) -> None:
+        """Releases a read's pins from the event loop."""
+        if self._leases is not None:
+            self._unpin_soon(digests)  # dropping leases commits to the shared index: round trips
+        else:
+            self._unpin_and_collect(digests)
 
     def _collect(self, digests: Iterable[bytes]) -> None:
         """Deletes the chunk files that nothing references and nothing in flight holds."""
@@ -752,13 +769,13 @@ class Engine:
                 )
 
         okey = schema.object_key(caller.namespace, storage_type, key)
-        record = self._pinned_record(okey, key, storage_type, generation, fits_a_unary_call)
+        record = await self.run_read(self._pinned_record, okey, key, storage_type, generation, fits_a_unary_call)
         if not record.chunks:
             return self._info(key, storage_type, record), bytes(record.inline_data)
         try:
             parts = [await self._run(self._read_chunk, ref) for ref in record.chunks]
         finally:
-            self._unpin_and_collect([ref.sha256 for ref in record.chunks])
+            self._unpin_after_read([bytes(ref.sha256) for ref in record.chunks])
         return self._info(key, storage_type, record), b"".join(parts)
 
     async def batch_get(
@@ -919,7 +936,7 @@ class Engine:
                 raise errors.OutOfRange(f"read_offset {offset} is past the end of {key!r} ({record.size} bytes)")
 
         okey = schema.object_key(caller.namespace, storage_type, key)
-        record = self._pinned_record(okey, key, storage_type, generation, starts_inside)
+        record = await self.run_read(self._pinned_record, okey, key, storage_type, generation, starts_inside)
         end = record.size if limit == 0 else min(record.size, offset + limit)
         return Download(self, self._info(key, storage_type, record), record, ByteRange(offset, end, record.size))
 
@@ -1153,7 +1170,7 @@ class UploadWriter:
         """Hook run after every write; resumable sessions checkpoint their progress here."""
 
     async def _store(self, chunk: bytes) -> None:
-        self.engine._check_room(self.caller.namespace, self.spec, self.size)
+        await self.engine.run_read(self.engine._check_room, self.caller.namespace, self.spec, self.size)
         loop = asyncio.get_running_loop()
         previous = self._hash_tail
         self._hash_tail = asyncio.ensure_future(self._feed_sha(previous, chunk))
@@ -1380,7 +1397,7 @@ class Download:
         if not self._closed:
             self._closed = True
             if self._record.chunks:
-                self.engine._unpin_and_collect([bytes(ref.sha256) for ref in self._record.chunks])
+                self.engine._unpin_after_read([bytes(ref.sha256) for ref in self._record.chunks])
 
 
 def _cut(data: bytes, lo: int, hi: int, crc_of_data: int, max_bytes: int | None) -> Iterator[tuple[bytes, int]]:

@@ -148,7 +148,7 @@ class SignedUrlHandler:
             # S3's conditional write: create only.
             if_generation_match=0 if request.headers.get(hdrs.IF_NONE_MATCH, "").strip() == "*" else None,
         )
-        writer = self.engine.new_upload(_bearer(grant), spec)
+        writer = await self.engine.run_read(self.engine.new_upload, _bearer(grant), spec)
         md5 = hashlib.md5(usedforsecurity=False) if expected.md5 is not None else None
         loop = asyncio.get_running_loop()
         try:

@@ -6,6 +6,7 @@ BlobstoreError through the one table in server/status.py.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import google_crc32c
 import grpc
 
 from blobstore.server import errors, status
+from blobstore.server.auth import Metadata
 from blobstore.server.convert import (
     fill_object,
     object_to_pb,
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-CallerResolver = Callable[[Context], Caller]
+# Turns a request's metadata into its caller (reads the index; may raise Unauthenticated).
+CallerResolver = Callable[[Metadata], Caller]
 
 # Room kept in a BatchGet response for its framing, besides what batch_get counts per entry.
 BATCH_RESPONSE_SLACK = 16 << 10
@@ -44,7 +47,7 @@ BATCH_RESPONSE_SLACK = 16 << 10
 DOWNLOAD_MESSAGE_BYTES = 1 << 20
 
 
-def _anonymous(context: Context) -> Caller:
+def _anonymous(metadata: Metadata) -> Caller:
     return ANONYMOUS
 
 
@@ -61,10 +64,13 @@ class StorageServicer(pb_grpc.StorageServicer):
         self.engine = engine
         self._url_signer = url_signer
         self.sessions = sessions or UploadSessions(engine)
-        self._caller = resolve_caller
+        self._resolve_caller = resolve_caller
         self._max_message_bytes = max_message_bytes
         # Set when the shutdown grace period is over: streams still running stop with UNAVAILABLE.
         self.stopping = False
+
+    async def _caller(self, context: Context) -> Caller:
+        return await self.engine.run_read(self._resolve_caller, context.invocation_metadata() or ())
 
     def _check_running(self) -> None:
         if self.stopping:
@@ -72,7 +78,7 @@ class StorageServicer(pb_grpc.StorageServicer):
 
     async def Set(self, request: pb.SetRequest, context: Context) -> pb.SetResponse:
         info = await self.engine.set(
-            self._caller(context),
+            await self._caller(context),
             storage_type(request.storage_type),
             request.key,
             request.value,
@@ -87,7 +93,7 @@ class StorageServicer(pb_grpc.StorageServicer):
 
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
         info, value = await self.engine.get(
-            self._caller(context),
+            await self._caller(context),
             storage_type(request.storage_type),
             request.key,
             generation=optional_int(request, "generation"),
@@ -97,7 +103,7 @@ class StorageServicer(pb_grpc.StorageServicer):
         return response
 
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadRequest], context: Context) -> pb.UploadResponse:
-        caller = self._caller(context)
+        caller = await self._caller(context)
         writer: UploadWriter | None = None
         finish: pb.UploadRequest | None = None
         try:
@@ -145,14 +151,14 @@ class StorageServicer(pb_grpc.StorageServicer):
     async def _open_upload(self, caller: Caller, request: pb.UploadRequest) -> UploadWriter:
         first = request.WhichOneof("first_message")
         if first == "spec":
-            return self.engine.new_upload(caller, upload_spec(request.spec))
+            return await self.engine.run_read(self.engine.new_upload, caller, upload_spec(request.spec))
         if first == "upload_id":
             return await self.sessions.open(caller, request.upload_id)
         raise errors.InvalidArgument("the first Upload message must carry a spec or an upload_id")
 
     async def Download(self, request: pb.DownloadRequest, context: Context) -> AsyncIterator[pb.DownloadResponse]:
         download = await self.engine.open_download(
-            self._caller(context),
+            await self._caller(context),
             storage_type(request.storage_type),
             request.key,
             offset=request.read_offset,
@@ -181,12 +187,14 @@ class StorageServicer(pb_grpc.StorageServicer):
             download.close()
 
     async def Stat(self, request: pb.StatRequest, context: Context) -> pb.StatResponse:
-        info = self.engine.stat(self._caller(context), storage_type(request.storage_type), request.key)
+        info = await self.engine.run_read(
+            self.engine.stat, await self._caller(context), storage_type(request.storage_type), request.key
+        )
         return pb.StatResponse(object=object_to_pb(info))
 
     async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
         await self.engine.delete(
-            self._caller(context),
+            await self._caller(context),
             storage_type(request.storage_type),
             request.key,
             if_generation_match=optional_int(request, "if_generation_match"),
@@ -194,13 +202,16 @@ class StorageServicer(pb_grpc.StorageServicer):
         return pb.DeleteResponse()
 
     async def List(self, request: pb.ListRequest, context: Context) -> pb.ListResponse:
-        page = self.engine.list(
-            self._caller(context),
-            storage_type(request.storage_type),
-            prefix=request.prefix,
-            delimiter=request.delimiter,
-            page_size=request.page_size,
-            page_token=request.page_token,
+        page = await self.engine.run_read(
+            functools.partial(
+                self.engine.list,
+                await self._caller(context),
+                storage_type(request.storage_type),
+                prefix=request.prefix,
+                delimiter=request.delimiter,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
         )
         return pb.ListResponse(
             objects=[object_to_pb(info) for info in page.objects],
@@ -209,20 +220,20 @@ class StorageServicer(pb_grpc.StorageServicer):
         )
 
     async def StartUpload(self, request: pb.StartUploadRequest, context: Context) -> pb.StartUploadResponse:
-        upload_id, expire_ns = await self.sessions.start(self._caller(context), upload_spec(request.spec))
+        upload_id, expire_ns = await self.sessions.start(await self._caller(context), upload_spec(request.spec))
         response = pb.StartUploadResponse(upload_id=upload_id)
         response.expire_time.FromNanoseconds(expire_ns)
         return response
 
     async def QueryUpload(self, request: pb.QueryUploadRequest, context: Context) -> pb.QueryUploadResponse:
-        state = self.sessions.query(self._caller(context), request.upload_id)
+        state = await self.engine.run_read(self.sessions.query, await self._caller(context), request.upload_id)
         response = pb.QueryUploadResponse(persisted_size=state.persisted_size)
         if state.object is not None:
             response.object.CopyFrom(object_to_pb(state.object))
         return response
 
     async def CancelUpload(self, request: pb.CancelUploadRequest, context: Context) -> pb.CancelUploadResponse:
-        await self.sessions.cancel(self._caller(context), request.upload_id)
+        await self.sessions.cancel(await self._caller(context), request.upload_id)
         return pb.CancelUploadResponse()
 
     # Contract methods whose implementation has not landed yet answer UNIMPLEMENTED.
@@ -230,7 +241,7 @@ class StorageServicer(pb_grpc.StorageServicer):
     async def CreateSignedUrl(self, request: pb.CreateSignedUrlRequest, context: Context) -> pb.CreateSignedUrlResponse:
         if self._url_signer is None:
             raise errors.Unimplemented("this server hands out no signed URLs")
-        caller = self._caller(context)
+        caller = await self._caller(context)
         method = signed_url_method(request.method)
         kind = storage_type(request.storage_type)
         self.engine.authorize_signed_url(caller, kind, request.key, upload=method == "PUT")
@@ -251,7 +262,7 @@ class StorageServicer(pb_grpc.StorageServicer):
             )
             for entry in request.entries
         ]
-        results = await self.engine.batch_set(self._caller(context), storage_type(request.storage_type), entries)
+        results = await self.engine.batch_set(await self._caller(context), storage_type(request.storage_type), entries)
         response = pb.BatchSetResponse()
         add = response.results.add
         for result in results:
@@ -264,7 +275,7 @@ class StorageServicer(pb_grpc.StorageServicer):
     async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:
         keys = list(request.keys)
         results = await self.engine.batch_get(
-            self._caller(context),
+            await self._caller(context),
             storage_type(request.storage_type),
             keys,
             max_total_bytes=self._max_message_bytes - BATCH_RESPONSE_SLACK,
@@ -282,8 +293,8 @@ class StorageServicer(pb_grpc.StorageServicer):
         return response
 
     async def GetLimits(self, request: pb.GetLimitsRequest, context: Context) -> pb.GetLimitsResponse:
-        caller = self._caller(context)
-        quota = self.engine.quota_status(caller.namespace)
+        caller = await self._caller(context)
+        quota = await self.engine.run_read(self.engine.quota_status, caller.namespace)
         limits, usage = quota.limits, quota.usage
         config = self.engine.config
         return pb.GetLimitsResponse(

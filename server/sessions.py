@@ -167,16 +167,21 @@ class UploadSessions:
         self.engine._add_usage(txn, record.namespace, uploads=-1)
         return self.engine._decref(txn, record.chunks)
 
-    async def reap_expired(self) -> int:
-        """Discards expired sessions (and their chunks); returns how many."""
-        engine = self.engine
-        now = engine.clock()
+    def _expired(self, now: int) -> list[str]:
+        """The sessions past their expiry that no stream is writing now."""
         due = []
-        with engine.index.reader() as r:
+        with self.engine.index.reader() as r:
             for raw_key, raw in r.scan(schema.UPLOADS, b""):
                 upload_id = bytes(raw_key).decode()
                 if upload_id not in self.writers and rec.UploadSessionRecord.FromString(raw).expire_time_ns <= now:
                     due.append(upload_id)
+        return due
+
+    async def reap_expired(self) -> int:
+        """Discards expired sessions (and their chunks); returns how many."""
+        engine = self.engine
+        now = engine.clock()
+        due = await engine.run_read(self._expired, now)
         if not due:
             return 0
 
@@ -199,6 +204,10 @@ class UploadSessions:
         await engine._run(engine._collect, released)
         return reaped
 
+    def _read_open(self, caller: Caller, upload_id: str) -> rec.UploadSessionRecord:
+        with self.engine.index.reader() as r:
+            return self._load_open(r, caller, upload_id)
+
     async def open(self, caller: Caller, upload_id: str) -> ResumableUpload:
         """A writer continuing the session at its persisted size."""
         if upload_id in self.writers:
@@ -206,8 +215,7 @@ class UploadSessions:
         # Claimed before the first await, so two streams opening at once cannot both get it.
         self.writers[upload_id] = None
         try:
-            with self.engine.index.reader() as r:
-                record = self._load_open(r, caller, upload_id)
+            record = await self.engine.run_read(self._read_open, caller, upload_id)
             sha = await self._hasher_at(upload_id, record)
             writer = self.writers[upload_id] = ResumableUpload(self, caller, upload_id, record, sha)
             return writer

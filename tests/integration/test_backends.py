@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import grpc
+import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from psycopg import sql
 
 from blobstore.server import errors
 from blobstore.server.backends import BackendConfig
@@ -151,3 +155,23 @@ def test_a_batch_commits_together_and_a_failing_op_alone(index: PostgresIndex) -
     with index.reader() as r:
         assert r.get("meta", b"bad") is None
         assert (r.get("meta", b"a"), r.get("meta", b"b")) == (b"v", b"v")
+
+
+def test_a_stalled_index_does_not_stall_the_server(server: RunningServer, backends: BackendConfig) -> None:
+    # Index reads on PostgreSQL wait on the network; they run off the event loop, so while one
+    # request waits on the database the server still answers everyone else.
+    with server.client() as storage:
+        storage.set("waiting", b"value")
+    with psycopg.connect(backends.postgres.dsn) as blocker:
+        kv = sql.Identifier(backends.postgres.schema, "kv")
+        blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(kv))  # until rollback
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(lambda: server.client().get("waiting"))
+            with grpc.insecure_channel(server.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                for _ in range(3):
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=20)
+                    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            assert not waiting.done(), "the Get should still be waiting on the locked index"
+            blocker.rollback()
+            assert waiting.result(timeout=60) == b"value"
