@@ -7,6 +7,15 @@ transaction and runs again from the start after a serialization failure (ops are
 pure functions of their transaction, which the Index protocol promises), so a
 precondition checked inside an op holds across replicas.
 
+Write ops submitted together are committed together (group commit), as on LMDB:
+one writer thread runs whatever has queued up in one SERIALIZABLE transaction.
+Every write of a namespace updates its usage row, so writes committed in
+transactions of their own conflicted with each other and ran again and again;
+within a group they follow one another, and only other replicas' groups can
+conflict with them. An op's writes stay in a buffer of its own until it has
+succeeded, so one that fails is undone by dropping its buffer; an op that has to
+reach the server first (a delete, a scan) does so inside a savepoint.
+
 The SQL is plain (no stored procedures, no server-side cursors, no advisory
 locks), so PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB)
 can run it too.
@@ -15,13 +24,15 @@ can run it too.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -91,13 +102,93 @@ class _Txn:
         return int(row[0])
 
     def flush(self) -> None:
+        _write_rows(self._conn, self._q, self._pending)
+
+
+def _write_rows(conn: psycopg.Connection[Any], queries: _Queries, pending: dict[tuple[str, bytes], bytes]) -> None:
+    """Sends buffered writes in as few INSERTs as possible, and empties the buffer."""
+    if pending:
+        rows = list(pending.items())
+        pending.clear()
+        for start in range(0, len(rows), _PUT_BATCH):
+            batch = rows[start : start + _PUT_BATCH]
+            params = [item for (table, key), value in batch for item in (table, key, value)]
+            conn.execute(queries.put_many(len(batch)), params)
+
+
+_SAVEPOINT = "blobstore_op"
+
+
+class _GroupOpTxn(_Txn):
+    """One op's view inside a group transaction: its own buffered writes over those of
+    the group's ops before it (already decided), over the server."""
+
+    __slots__ = ("_group", "savepoint")
+
+    def __init__(self, conn: psycopg.Connection[Any], queries: _Queries, group: dict[tuple[str, bytes], bytes]):
+        super().__init__(conn, queries)
+        self._group = group
+        self.savepoint = False
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        pending = self._pending.get((table, key))
+        if pending is None:
+            pending = self._group.get((table, key))
+        if pending is not None:
+            return pending
+        row = self._conn.execute(self._q.get, (table, key)).fetchone()
+        return bytes(row[0]) if row else None
+
+    # scan() flushes first: with flush() below, the group's writes and this op's are on the server.
+
+    def delete(self, table: str, key: bytes) -> bool:
+        self._pending.pop((table, key), None)
+        self.flush()
+        self._enter_savepoint()
+        return self._conn.execute(self._q.delete, (table, key)).rowcount > 0
+
+    def flush(self) -> None:
+        # The group's writes go first and outside this op's savepoint: they stand whatever this op does.
+        _write_rows(self._conn, self._q, self._group)
         if self._pending:
-            rows = list(self._pending.items())
-            self._pending.clear()
-            for start in range(0, len(rows), _PUT_BATCH):
-                batch = rows[start : start + _PUT_BATCH]
-                params = [item for (table, key), value in batch for item in (table, key, value)]
-                self._conn.execute(self._q.put_many(len(batch)), params)
+            self._enter_savepoint()
+            _write_rows(self._conn, self._q, self._pending)
+
+    def _enter_savepoint(self) -> None:
+        if not self.savepoint:
+            self._conn.execute("SAVEPOINT " + _SAVEPOINT)
+            self.savepoint = True
+
+    def succeeded(self) -> None:
+        if self.savepoint:
+            self._conn.execute("RELEASE SAVEPOINT " + _SAVEPOINT)
+        self._group.update(self._pending)
+
+    def failed(self) -> None:
+        if self.savepoint:
+            self._conn.execute("ROLLBACK TO SAVEPOINT " + _SAVEPOINT)
+            self._conn.execute("RELEASE SAVEPOINT " + _SAVEPOINT)
+        self._pending.clear()
+
+
+@dataclass(eq=False)
+class _Job:
+    """Ops whose outcomes settle one future: one op (submit), or a list (submit_batch)."""
+
+    ops: list[Callable[[IndexWriter], Any]]
+    future: Future[Any]
+    batch: bool
+
+
+class _OpBroke(Exception):
+    """An op's statement failed on the server outside a savepoint: the group's transaction is lost."""
+
+    def __init__(self, job: _Job, failure: BaseException) -> None:
+        self.job = job
+        self.failure = failure
+
+
+_STOP = object()
 
 
 class _Queries:
@@ -159,7 +250,7 @@ class PostgresIndex:
             open=True,
             name="blobstore-index",
         )
-        self._writers = ThreadPoolExecutor(max_workers=config.pool_size, thread_name_prefix="blobstore-pg")
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
         try:
@@ -167,8 +258,9 @@ class PostgresIndex:
             self._migrate()
         except BaseException:
             self._pool.close()
-            self._writers.shutdown()
             raise
+        self._writer = threading.Thread(target=self._write_groups, name="blobstore-pg-writer", daemon=True)
+        self._writer.start()
 
     def _migrate(self) -> None:
         with self._pool.connection() as conn:
@@ -197,40 +289,120 @@ class PostgresIndex:
                 conn.execute("COMMIT")
 
     def submit(self, op: Callable[[IndexWriter], T]) -> Future[T]:
-        if self._closed:
-            raise errors.Unavailable("the index is closed")
-        return self._writers.submit(self._run, op)
+        future: Future[T] = Future()
+        self._enqueue([_Job([op], future, batch=False)])
+        return future
 
     def submit_many(self, ops: list[Callable[[IndexWriter], Any]]) -> list[Future[Any]]:
-        # Separate transactions: PostgreSQL commits them concurrently, and one op's
-        # conflict does not make the others run again.
-        return [self.submit(op) for op in ops]
+        jobs = [_Job([op], Future(), batch=False) for op in ops]
+        self._enqueue(jobs)
+        return [job.future for job in jobs]
 
     def submit_batch(self, ops: list[Callable[[IndexWriter], Any]]) -> Future[list[Any]]:
-        # One transaction (one commit) for the batch, each op inside its own savepoint. A
-        # conflict with another transaction still retries the whole batch, as for any op.
-        def run_each(txn: IndexWriter) -> list[Any]:
-            assert isinstance(txn, _Txn)
-            txn.flush()
-            conn = txn._conn
-            outcomes: list[Any] = []
-            for op in ops:
-                conn.execute("SAVEPOINT batch_op")
-                step = _Txn(conn, self._q)
-                try:
-                    result = op(step)
-                    step.flush()
-                except (*_RETRYABLE, psycopg.OperationalError):
-                    raise
-                except BaseException as failure:  # that op's own outcome
-                    conn.execute("ROLLBACK TO SAVEPOINT batch_op")
-                    outcomes.append(failure)
-                else:
-                    conn.execute("RELEASE SAVEPOINT batch_op")
-                    outcomes.append(result)
-            return outcomes
+        future: Future[list[Any]] = Future()
+        self._enqueue([_Job(list(ops), future, batch=True)])
+        return future
 
-        return self.submit(run_each)
+    def _enqueue(self, jobs: list[_Job]) -> None:
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable("the index is closed")
+            self._queue.put(jobs)
+
+    # ------------------------------------------------------------------ group commit
+
+    MAX_GROUP = 64  # jobs per transaction
+
+    def _write_groups(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            jobs: list[_Job] = list(item)
+            stop_after = False
+            while len(jobs) < self.MAX_GROUP:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop_after = True
+                    break
+                jobs.extend(more)
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if jobs:
+                self._commit_group(jobs)
+            if stop_after:
+                return
+
+    def _commit_group(self, jobs: list[_Job]) -> None:
+        """Runs the jobs in one transaction, again after a conflict, and settles their futures."""
+        delay = 0.002
+        attempt = 0
+        while jobs:
+            try:
+                outcomes = self._attempt_group(jobs)
+            except _OpBroke as broke:
+                # That op's own failure; the others run again in a fresh transaction.
+                broke.job.future.set_exception(broke.failure)
+                jobs = [job for job in jobs if job is not broke.job]
+                continue
+            except _RETRYABLE:
+                if attempt == self.config.max_retries:
+                    _fail_all(jobs, errors.Aborted("the index transaction kept conflicting with others; retry"))
+                    return
+                attempt += 1
+                time.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 0.2)
+                continue
+            except psycopg.OperationalError as exc:
+                _fail_all(jobs, errors.Unavailable(f"the metadata index (PostgreSQL) is unreachable: {exc}"))
+                return
+            except BaseException as exc:  # a failed commit, or a bug: nothing of the group took effect
+                _fail_all(jobs, exc)
+                return
+            for job, results in zip(jobs, outcomes, strict=True):
+                if job.batch:
+                    job.future.set_result(results)
+                elif isinstance(results[0], BaseException):
+                    job.future.set_exception(results[0])
+                else:
+                    job.future.set_result(results[0])
+            return
+
+    def _attempt_group(self, jobs: list[_Job]) -> list[list[Any]]:
+        with self._pool.connection() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            try:
+                group: dict[tuple[str, bytes], bytes] = {}
+                outcomes = [[self._run_op(conn, group, job, op) for op in job.ops] for job in jobs]
+                _write_rows(conn, self._q, group)
+                conn.execute("COMMIT")
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+                raise
+        return outcomes
+
+    def _run_op(
+        self, conn: psycopg.Connection[Any], group: dict[tuple[str, bytes], bytes], job: _Job, op: Callable[..., Any]
+    ) -> Any:
+        """The op's result, or the exception that undid it alone."""
+        txn = _GroupOpTxn(conn, self._q, group)
+        try:
+            result = op(txn)
+        except (*_RETRYABLE, psycopg.OperationalError):
+            raise  # the whole group runs again, or fails
+        except psycopg.Error as failure:
+            if not txn.savepoint:
+                raise _OpBroke(job, failure) from failure
+            txn.failed()
+            return failure
+        except BaseException as failure:  # that op's own outcome
+            txn.failed()
+            return failure
+        txn.succeeded()
+        return result
 
     def run(self, op: Callable[[IndexWriter], T]) -> T:
         """Runs `op` in a transaction on the calling thread."""
@@ -271,5 +443,11 @@ class PostgresIndex:
             if self._closed:
                 return
             self._closed = True
-        self._writers.shutdown(wait=True)
+            self._queue.put(_STOP)
+        self._writer.join()
         self._pool.close()
+
+
+def _fail_all(jobs: list[_Job], failure: BaseException) -> None:
+    for job in jobs:
+        job.future.set_exception(failure)

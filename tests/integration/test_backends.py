@@ -96,6 +96,61 @@ def test_a_failing_op_leaves_nothing_and_others_commit(index: PostgresIndex) -> 
         assert r.get("meta", b"y") == b"2"
 
 
+def test_ops_committed_together_see_each_other_and_fail_alone(index: PostgresIndex) -> None:
+    # submit_many queues its ops at once, so one writer runs them in one transaction (group commit).
+    def put_one(txn: IndexWriter) -> str:
+        txn.put("meta", b"g/1", b"1")
+        return "a"
+
+    def put_then_fail(txn: IndexWriter) -> None:
+        txn.put("meta", b"g/2", b"2")  # still in this op's own buffer
+        raise errors.InvalidArgument("b")
+
+    def read_both(txn: IndexWriter) -> tuple[bytes | None, bytes | None]:
+        return txn.get("meta", b"g/1"), txn.get("meta", b"g/2")
+
+    def delete_then_fail(txn: IndexWriter) -> None:
+        assert txn.delete("meta", b"g/1")  # reaches the server: inside a savepoint
+        raise errors.InvalidArgument("d")
+
+    def put_and_scan(txn: IndexWriter) -> list[bytes]:
+        txn.put("meta", b"g/3", b"3")
+        return [key for key, _ in txn.scan("meta", b"g/", b"g0")]
+
+    def delete_and_read(txn: IndexWriter) -> bytes | None:
+        txn.delete("meta", b"g/3")
+        txn.put("meta", b"g/4", b"4")
+        return txn.get("meta", b"g/3")
+
+    futures = index.submit_many([put_one, put_then_fail, read_both, delete_then_fail, put_and_scan, delete_and_read])
+    assert futures[0].result() == "a"
+    with pytest.raises(errors.InvalidArgument, match="b"):
+        futures[1].result()
+    assert futures[2].result() == (b"1", None)
+    with pytest.raises(errors.InvalidArgument, match="d"):
+        futures[3].result()
+    assert futures[4].result() == [b"g/1", b"g/3"]
+    assert futures[5].result() is None
+    with index.reader() as r:
+        assert [(key, value) for key, value in r.scan("meta", b"g/", b"g0")] == [(b"g/1", b"1"), (b"g/4", b"4")]
+
+
+def test_an_op_whose_statement_fails_on_the_server_fails_alone(index: PostgresIndex) -> None:
+    def bad_statement(txn: IndexWriter) -> None:
+        txn.get("no-such\x00table", b"k")  # PostgreSQL refuses a NUL in text
+
+    def fine(txn: IndexWriter) -> str:
+        txn.put("meta", b"fine", b"1")
+        return "fine"
+
+    bad, good = index.submit_many([bad_statement, fine])
+    with pytest.raises(psycopg.Error):
+        bad.result()
+    assert good.result() == "fine"
+    with index.reader() as r:
+        assert r.get("meta", b"fine") == b"1"
+
+
 def test_a_reader_sees_one_snapshot(index: PostgresIndex) -> None:
     index.submit(lambda txn: txn.put("meta", b"k", b"old")).result()
     with index.reader() as r:
