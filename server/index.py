@@ -92,7 +92,31 @@ class _LmdbTxn:
 
 
 _Job = tuple[Callable[[IndexWriter], Any], "Future[Any]"]
-_STOP = object()
+# Queued to a writer thread: it stops once the jobs queued before have run.
+STOP = object()
+
+
+def run_groups(jobs: queue.SimpleQueue[Any], max_group: int, run_group: Callable[[list[Any]], None]) -> None:
+    """A writer thread's loop: takes whatever lists of jobs have queued up (up to about
+    `max_group` jobs) and hands them to `run_group` together, until STOP."""
+    while True:
+        item = jobs.get()
+        if item is STOP:
+            return
+        group = list(item)
+        stop_after = False
+        while len(group) < max_group:
+            try:
+                more = jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more is STOP:
+                stop_after = True
+                break
+            group.extend(more)
+        run_group(group)
+        if stop_after:
+            return
 
 
 class LmdbIndex:
@@ -177,7 +201,7 @@ class LmdbIndex:
             return
         self._closed = True
         if not self._readonly:
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
             self._writer.join()
         self._env.close()
 
@@ -186,24 +210,7 @@ class LmdbIndex:
         return {"map_size": info["map_size"], "used_bytes": (info["last_pgno"] + 1) * self._env.stat()["psize"]}
 
     def _run_writer(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            jobs: list[_Job] = list(item)
-            stop_after = False
-            while len(jobs) < self.MAX_GROUP:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop_after = True
-                    break
-                jobs.extend(more)
-            self._run_group(jobs)
-            if stop_after:
-                return
+        run_groups(self._queue, self.MAX_GROUP, self._run_group)
 
     def _run_group(self, jobs: list[_Job]) -> None:
         if len(jobs) == 1:

@@ -42,7 +42,7 @@ from psycopg_pool import ConnectionPool
 
 from blobstore.server import errors
 from blobstore.server.backends import PostgresConfig
-from blobstore.server.index import IndexReader, IndexWriter
+from blobstore.server.index import STOP, IndexReader, IndexWriter, run_groups
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,9 +188,6 @@ class _OpBroke(Exception):
         self.failure = failure
 
 
-_STOP = object()
-
-
 class _Queries:
     def put_many(self, rows: int) -> bytes:
         """One INSERT for all of a transaction's writes: one round trip at commit."""
@@ -314,29 +311,11 @@ class PostgresIndex:
     MAX_GROUP = 64  # jobs per transaction
 
     def _write_groups(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            jobs: list[_Job] = list(item)
-            stop_after = False
-            while len(jobs) < self.MAX_GROUP:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop_after = True
-                    break
-                jobs.extend(more)
-            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
-            if jobs:
-                self._commit_group(jobs)
-            if stop_after:
-                return
+        run_groups(self._queue, self.MAX_GROUP, self._commit_group)
 
     def _commit_group(self, jobs: list[_Job]) -> None:
         """Runs the jobs in one transaction, again after a conflict, and settles their futures."""
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         delay = 0.002
         attempt = 0
         while jobs:
@@ -370,18 +349,24 @@ class PostgresIndex:
                     job.future.set_result(results[0])
             return
 
-    def _attempt_group(self, jobs: list[_Job]) -> list[list[Any]]:
+    @contextmanager
+    def _serializable(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection in a SERIALIZABLE transaction: committed at the end, rolled back on an exception."""
         with self._pool.connection() as conn:
             conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
             try:
-                group: dict[tuple[str, bytes], bytes] = {}
-                outcomes = [[self._run_op(conn, group, job, op) for op in job.ops] for job in jobs]
-                _write_rows(conn, self._q, group)
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     conn.execute("ROLLBACK")
                 raise
+
+    def _attempt_group(self, jobs: list[_Job]) -> list[list[Any]]:
+        with self._serializable() as conn:
+            group: dict[tuple[str, bytes], bytes] = {}
+            outcomes = [[self._run_op(conn, group, job, op) for op in job.ops] for job in jobs]
+            _write_rows(conn, self._q, group)
         return outcomes
 
     def _run_op(
@@ -412,17 +397,10 @@ class PostgresIndex:
         delay = 0.002
         for attempt in range(self.config.max_retries + 1):
             try:
-                with self._pool.connection() as conn:
-                    conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
-                    try:
-                        txn = _Txn(conn, self._q)
-                        result = op(txn)
-                        txn.flush()
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                            conn.execute("ROLLBACK")
-                        raise
+                with self._serializable() as conn:
+                    txn = _Txn(conn, self._q)
+                    result = op(txn)
+                    txn.flush()
                 return result
             except _RETRYABLE:
                 if attempt == self.config.max_retries:
@@ -443,7 +421,7 @@ class PostgresIndex:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
         self._writer.join()
         self._pool.close()
 
