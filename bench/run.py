@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -462,15 +463,17 @@ def case_scale(cfg: Config, res: Results) -> None:
                     load = Load("blobstore", server.address, op, 100, "scale", keyspace=level)
                     res.sample(f"scale.{op}.{level}", measure(load, 1, 1, cfg.seconds)["calls_per_s"])
                 with Storage(server.address) as storage:
-                    request = pb.ListRequest(prefix="scale/", page_size=1000)
+                    # Pages anywhere in the key space, not only at its start: scale/NNNNN covers
+                    # the 1,000 keys scale/NNNNN000..scale/NNNNN999.
+                    places = random.Random(f"{level}/{rep}")
                     latencies = []
                     for _ in range(10):
+                        region = places.randrange(max(1, level // 1000))
+                        request = pb.ListRequest(prefix=f"scale/{region:05d}", page_size=1000)
                         started = time.perf_counter()
                         response = storage._stub.List(request)
                         latencies.append(time.perf_counter() - started)
-                        if not response.next_page_token:
-                            break
-                        request.page_token = response.next_page_token
+                        assert len(response.objects) == min(1000, level), "a region of the key space was not loaded"
                 res.sample(f"scale.list.{level}", statistics.median(latencies) * 1000)
     finally:
         server.stop()
