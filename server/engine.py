@@ -1045,13 +1045,7 @@ class Engine:
 
     async def reap_expired(self, limit: int = 1000) -> int:
         """Deletes tmp objects whose time has come; returns how many."""
-        now = self.clock()
-        due: list[bytes] = []
-        with self.index.reader() as r:
-            for raw_key, _ in r.scan(schema.EXPIRY, b"", schema.pack_u64(now + 1)):
-                due.append(bytes(raw_key))
-                if len(due) >= limit:
-                    break
+        due = await self.run_read(_due_to_expire, self.index, self.clock(), limit)
         if not due:
             return 0
 
@@ -1398,6 +1392,17 @@ class Download:
             self._closed = True
             if self._record.chunks:
                 self.engine._unpin_after_read([bytes(ref.sha256) for ref in self._record.chunks])
+
+
+def _due_to_expire(index: Index, now: int, limit: int) -> list[bytes]:
+    """Up to `limit` keys of the expiry index whose time has come, oldest first."""
+    due: list[bytes] = []
+    with index.reader() as r:
+        for raw_key, _ in r.scan(schema.EXPIRY, b"", schema.pack_u64(now + 1)):
+            due.append(bytes(raw_key))
+            if len(due) >= limit:
+                break
+    return due
 
 
 def _cut(data: bytes, lo: int, hi: int, crc_of_data: int, max_bytes: int | None) -> Iterator[tuple[bytes, int]]:

@@ -98,7 +98,7 @@ class UploadSessions:
         engine = self.engine
         engine._validate_write(caller, spec)
         if spec.declared_size is not None:
-            engine._check_room(caller.namespace, spec, spec.declared_size)
+            await engine.run_read(engine._check_room, caller.namespace, spec, spec.declared_size)
         upload_id = new_upload_id()
         now = engine.clock()
         record = rec.UploadSessionRecord(
