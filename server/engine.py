@@ -244,9 +244,9 @@ class Engine:
         return self._live(rec.ObjectRecord.FromString(raw))
 
     def _info(self, key: str, storage_type: StorageType, record: rec.ObjectRecord) -> ObjectInfo:
-        # Positional, and no dict() of an empty map (which alone costs as much as the rest):
-        # this runs once per value of every batch.
-        return ObjectInfo(
+        # No dict() of an empty map (which alone costs as much as the rest): this runs once
+        # per value of every batch.
+        return ObjectInfo.of(
             key,
             storage_type,
             record.size,
