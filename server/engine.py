@@ -820,27 +820,34 @@ class Engine:
                 try:
                     validate_key(key)
                     raw = r.get(schema.OBJECTS, prefix + schema.encode_key(key.encode()))
-                    record = None if raw is None else self._live(rec.ObjectRecord.FromString(raw), now)
-                    if record is None:
+                    if raw is None:
                         raise self._not_found(key, storage_type)
-                    if record.size > self.config.max_unary_value:
+                    # Each field read costs about a Python call, and this runs per key: every field
+                    # is read once, and what _live() checks is checked inline.
+                    record = rec.ObjectRecord.FromString(raw)
+                    expires = record.expire_time_ns
+                    if expires and expires <= now:
+                        raise self._not_found(key, storage_type)
+                    size = record.size
+                    if size > self.config.max_unary_value:
                         raise errors.ObjectTooLargeForUnary(
-                            f"object {key!r} is {record.size} bytes; BatchGet returns at most "
+                            f"object {key!r} is {size} bytes; BatchGet returns at most "
                             f"{self.config.max_unary_value} per value: use Download"
                         )
+                    has_chunks = len(record.chunks) > 0
                     # What the entry costs on the wire: value, metadata, key twice, field framing.
-                    cost = len(raw) + (record.size if record.chunks else 0) + 2 * len(key) + 64
+                    cost = len(raw) + (size if has_chunks else 0) + 2 * len(key) + 64
                     if max_total_bytes is not None and total + cost > max_total_bytes:
                         raise errors.BatchResponseFull(
-                            f"no room left in this response for {key!r} ({record.size} bytes): Get it on its own"
+                            f"no room left in this response for {key!r} ({size} bytes): Get it on its own"
                         )
                 except errors.BlobstoreError as exc:
                     results.append(exc)
                     continue
                 total += cost
-                if record.chunks:
+                if has_chunks:
                     chunked.append(len(results))
-                results.append((self._info(key, storage_type, record), bytes(record.inline_data)))
+                results.append((self._info(key, storage_type, record), record.inline_data))
         for position in chunked:
             info, _ = results[position]  # type: ignore[misc]
             try:
