@@ -39,6 +39,50 @@ def fill_object(message: pb.Object, info: ObjectInfo) -> pb.Object:
     return message
 
 
+class ObjectFiller:
+    """fill_object for the objects of one response that were written by one commit.
+
+    They share their storage type and update time (and, when new, their create time): those
+    fields are merged from bytes serialized once, one call in place of up to seven field
+    writes per object (measured with valgrind: a third of fill_object's instructions).
+    """
+
+    __slots__ = ("_shared",)
+
+    def __init__(self) -> None:
+        self._shared: dict[tuple[StorageType, int, bool], bytes] = {}
+
+    def fill(self, message: pb.Object, info: ObjectInfo) -> None:
+        """Fills `message`, which must be empty, as fill_object would."""
+        created_now = info.create_time_ns == info.update_time_ns
+        shared_key = (info.storage_type, info.update_time_ns, created_now)
+        shared = self._shared.get(shared_key)
+        if shared is None:
+            template = pb.Object(storage_type=info.storage_type.value)  # type: ignore[arg-type]
+            stamp = template.update_time
+            stamp.seconds, stamp.nanos = divmod(info.update_time_ns, NS_PER_S)
+            if created_now:
+                template.create_time.CopyFrom(stamp)
+            shared = self._shared[shared_key] = template.SerializeToString()
+        message.MergeFromString(shared)
+        message.key = info.key
+        message.size = info.size
+        message.generation = info.generation
+        if info.content_type:
+            message.content_type = info.content_type
+        checksums = message.checksums
+        checksums.crc32c = info.crc32c
+        checksums.sha256 = info.sha256
+        if info.metadata:
+            message.metadata.update(info.metadata)
+        if not created_now:
+            stamp = message.create_time
+            stamp.seconds, stamp.nanos = divmod(info.create_time_ns, NS_PER_S)
+        if info.expire_time_ns:
+            stamp = message.expire_time
+            stamp.seconds, stamp.nanos = divmod(info.expire_time_ns, NS_PER_S)
+
+
 def storage_type(number: int) -> StorageType:
     return StorageType.from_number(number)
 

@@ -244,9 +244,9 @@ class Engine:
         return self._live(rec.ObjectRecord.FromString(raw))
 
     def _info(self, key: str, storage_type: StorageType, record: rec.ObjectRecord) -> ObjectInfo:
-        # Positional, and no dict() of an empty map (which alone costs as much as the rest):
-        # this runs once per value of every batch.
-        return ObjectInfo(
+        # No dict() of an empty map (which alone costs as much as the rest): this runs once
+        # per value of every batch.
+        return ObjectInfo.of(
             key,
             storage_type,
             record.size,
@@ -413,10 +413,17 @@ class Engine:
             released: list[bytes] = []
             for okey, draft, if_generation_match in items:
                 raw = txn.get(schema.OBJECTS, okey)
-                stored = rec.ObjectRecord.FromString(raw) if raw else None
-                current = self._live(stored, now)
+                stored: rec.ObjectRecord | None
+                current: rec.ObjectRecord | None
+                if raw:
+                    stored = rec.ObjectRecord.FromString(raw)
+                    expires = stored.expire_time_ns  # what _live() checks, inline: this runs per value
+                    current = stored if not expires or expires > now else None
+                else:
+                    stored = current = None
                 try:
-                    self._check_precondition(draft.key, current, if_generation_match)
+                    if if_generation_match is not None:
+                        self._check_precondition(draft.key, current, if_generation_match)
                     account.charge(size=draft.size - (stored.size if stored else 0), objects=0 if stored else 1)
                 except errors.BlobstoreError as refused:
                     outcomes.append(refused)
@@ -579,7 +586,22 @@ class Engine:
                 elif isinstance(outcome, BaseException):
                     raise outcome
                 else:
-                    results[position] = self._info(entries[position].key, storage_type, outcome)
+                    entry = entries[position]
+                    # What _info() makes of the record, but from the values at hand: each field read
+                    # back from a protobuf message costs as much as a Python call, and this runs per value.
+                    results[position] = ObjectInfo.of(
+                        entry.key,
+                        storage_type,
+                        len(entry.value),
+                        outcome.generation,
+                        entry.content_type,
+                        dict(entry.metadata) if entry.metadata else {},
+                        outcome.create_time_ns,
+                        outcome.update_time_ns,
+                        outcome.crc32c,
+                        outcome.sha256,
+                        outcome.expire_time_ns,
+                    )
         finally:
             if settles is None:
                 self._unpin_and_collect(pinned)
@@ -655,7 +677,7 @@ class Engine:
                 f"value of {entry.key!r} is {len(value)} bytes; a batch entry takes at most "
                 f"{self.config.max_unary_value}: stream larger values with Upload"
             )
-        value_crc = crc32c(value)
+        value_crc: int = google_crc32c.value(value)
         if entry.crc32c_expected is not None and entry.crc32c_expected != value_crc:
             raise errors.ChecksumMismatch(
                 f"value CRC32C of {entry.key!r} is {value_crc:#010x}, the request said "
@@ -667,9 +689,9 @@ class Engine:
         self, key: str, value: bytes, value_crc: int, content_type: str, metadata: dict[str, str]
     ) -> rec.ObjectRecord:
         """The record of a value given whole (inline when small), before its commit fills it in."""
-        draft = rec.ObjectRecord(
-            key=key, size=len(value), content_type=content_type, crc32c=value_crc, sha256=hashlib.sha256(value).digest()
-        )
+        draft = rec.ObjectRecord(key=key, size=len(value), crc32c=value_crc, sha256=hashlib.sha256(value).digest())
+        if content_type:  # each keyword argument costs as much as a field set
+            draft.content_type = content_type
         if metadata:
             draft.metadata.update(metadata)
         if len(value) <= self.config.inline_threshold:
@@ -798,27 +820,34 @@ class Engine:
                 try:
                     validate_key(key)
                     raw = r.get(schema.OBJECTS, prefix + schema.encode_key(key.encode()))
-                    record = None if raw is None else self._live(rec.ObjectRecord.FromString(raw), now)
-                    if record is None:
+                    if raw is None:
                         raise self._not_found(key, storage_type)
-                    if record.size > self.config.max_unary_value:
+                    # Each field read costs about a Python call, and this runs per key: every field
+                    # is read once, and what _live() checks is checked inline.
+                    record = rec.ObjectRecord.FromString(raw)
+                    expires = record.expire_time_ns
+                    if expires and expires <= now:
+                        raise self._not_found(key, storage_type)
+                    size = record.size
+                    if size > self.config.max_unary_value:
                         raise errors.ObjectTooLargeForUnary(
-                            f"object {key!r} is {record.size} bytes; BatchGet returns at most "
+                            f"object {key!r} is {size} bytes; BatchGet returns at most "
                             f"{self.config.max_unary_value} per value: use Download"
                         )
+                    has_chunks = len(record.chunks) > 0
                     # What the entry costs on the wire: value, metadata, key twice, field framing.
-                    cost = len(raw) + (record.size if record.chunks else 0) + 2 * len(key) + 64
+                    cost = len(raw) + (size if has_chunks else 0) + 2 * len(key) + 64
                     if max_total_bytes is not None and total + cost > max_total_bytes:
                         raise errors.BatchResponseFull(
-                            f"no room left in this response for {key!r} ({record.size} bytes): Get it on its own"
+                            f"no room left in this response for {key!r} ({size} bytes): Get it on its own"
                         )
                 except errors.BlobstoreError as exc:
                     results.append(exc)
                     continue
                 total += cost
-                if record.chunks:
+                if has_chunks:
                     chunked.append(len(results))
-                results.append((self._info(key, storage_type, record), bytes(record.inline_data)))
+                results.append((self._info(key, storage_type, record), record.inline_data))
         for position in chunked:
             info, _ = results[position]  # type: ignore[misc]
             try:

@@ -86,6 +86,47 @@ class ObjectInfo:
     sha256: bytes
     expire_time_ns: int = 0
 
+    @classmethod
+    def of(
+        cls,
+        key: str,
+        storage_type: StorageType,
+        size: int,
+        generation: int,
+        content_type: str,
+        metadata: dict[str, str],
+        create_time_ns: int,
+        update_time_ns: int,
+        crc32c: int,
+        sha256: bytes,
+        expire_time_ns: int = 0,
+    ) -> ObjectInfo:
+        """The same as ObjectInfo(...) in about half the time: a frozen dataclass's __init__ sets
+        each field through object.__setattr__, and batches make one of these per value."""
+        info = _new_instance(cls)
+        _set_attribute(
+            info,
+            "__dict__",
+            {
+                "key": key,
+                "storage_type": storage_type,
+                "size": size,
+                "generation": generation,
+                "content_type": content_type,
+                "metadata": metadata,
+                "create_time_ns": create_time_ns,
+                "update_time_ns": update_time_ns,
+                "crc32c": crc32c,
+                "sha256": sha256,
+                "expire_time_ns": expire_time_ns,
+            },
+        )
+        return info
+
+
+_new_instance = object.__new__
+_set_attribute = object.__setattr__
+
 
 @dataclass(frozen=True)
 class ListPage:
@@ -113,7 +154,7 @@ class UploadSpec:
     if_generation_match: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class BatchEntry:
     """One value of a BatchSet: the same fields as a Set, judged on their own."""
 

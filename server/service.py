@@ -18,6 +18,7 @@ import grpc
 from blobstore.server import errors, status
 from blobstore.server.auth import Metadata
 from blobstore.server.convert import (
+    ObjectFiller,
     fill_object,
     object_to_pb,
     optional_int,
@@ -258,18 +259,20 @@ class StorageServicer(pb_grpc.StorageServicer):
                 entry.content_type,
                 dict(entry.metadata) if entry.metadata else {},
                 entry.if_generation_match if entry.HasField("if_generation_match") else None,
-                entry.crc32c if entry.HasField("crc32c") else None,
+                # A CRC32C other than 0 was sent; only 0 needs asking (HasField costs a Python call).
+                entry.crc32c or (0 if entry.HasField("crc32c") else None),
             )
             for entry in request.entries
         ]
         results = await self.engine.batch_set(await self._caller(context), storage_type(request.storage_type), entries)
         response = pb.BatchSetResponse()
         add = response.results.add
+        fill = ObjectFiller().fill
         for result in results:
             if isinstance(result, errors.BlobstoreError):
                 _fill_item_error(add().error, result)
             else:
-                fill_object(add().object, result)
+                fill(add().object, result)
         return response
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:

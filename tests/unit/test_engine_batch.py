@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -231,3 +232,14 @@ def test_a_batch_that_fills_the_index_reports_each_entry(tmp_path: Path, run: Ru
         assert engine.usage(ANONYMOUS.namespace).objects == len(stored)
     finally:
         engine.close()
+
+
+def test_object_info_of_builds_what_the_constructor_builds() -> None:
+    values = ("k", StorageType.TMP, 3, 4, "text/plain", {"a": "b"}, 5, 6, 7, b"\x08" * 32, 9)
+    built = ObjectInfo.of(*values)
+    assert built == ObjectInfo(*values)
+    # Every field, including one added later and forgotten in of(): comparing would not see it missing.
+    assert vars(built) == vars(ObjectInfo(*values))
+    assert dataclasses.astuple(built) == values
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.size = 1  # type: ignore[misc]

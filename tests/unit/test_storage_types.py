@@ -10,7 +10,7 @@ import pytest
 
 from blobstore.server import errors, schema
 from blobstore.server.engine import Engine, EngineConfig, open_engine
-from blobstore.server.model import Caller, Role, StorageType, UploadSpec
+from blobstore.server.model import BatchEntry, Caller, Role, StorageType, UploadSpec
 from tests.conftest import FakeClock
 
 DAY = 86_400
@@ -178,3 +178,18 @@ def test_an_unknown_storage_type_lists_the_valid_ones(bad: int) -> None:
         StorageType.from_number(bad)
     with pytest.raises(errors.InvalidArgument, match="valid storage types"):
         StorageType.from_label("scratch")
+
+
+def test_batches_treat_an_expired_tmp_object_as_absent(timed: Engine, clock: FakeClock, run) -> None:
+    first = run(timed.set(USER, TMP, "fleeting", b"old"))
+    clock.advance(7 * DAY + 1)
+    [missing] = run(timed.batch_get(USER, TMP, ["fleeting"]))
+    assert isinstance(missing, errors.NotFound)
+    # Expired counts as absent for a precondition too, and the new version is created anew.
+    [created] = run(timed.batch_set(USER, TMP, [BatchEntry("fleeting", b"new", if_generation_match=0)]))
+    assert not isinstance(created, errors.BlobstoreError)
+    assert created.generation > first.generation
+    assert created.create_time_ns == created.update_time_ns == clock()
+    assert created.expire_time_ns == clock() + 7 * DAY * 10**9
+    [(info, value)] = run(timed.batch_get(USER, TMP, ["fleeting"]))
+    assert (info, value) == (created, b"new")
