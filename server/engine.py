@@ -800,20 +800,14 @@ class Engine:
             self._unpin_after_read([bytes(ref.sha256) for ref in record.chunks])
         return self._info(key, storage_type, record), b"".join(parts)
 
-    async def batch_get(
-        self, caller: Caller, storage_type: StorageType, keys: list[str], *, max_total_bytes: int | None = None
-    ) -> list[tuple[ObjectInfo, bytes] | errors.BlobstoreError]:
-        """Reads many values from one snapshot; each key succeeds or fails on its own.
-
-        Values past `max_total_bytes` (what one response message can carry)
-        fail with BatchResponseFull, for the caller to Get them on their own.
-        """
-        self._check_batch_size(len(keys))
-        self._check_readable(caller, storage_type)
+    def _read_batch(
+        self, prefix: bytes, storage_type: StorageType, keys: list[str], max_total_bytes: int | None
+    ) -> tuple[list[tuple[ObjectInfo, bytes] | errors.BlobstoreError], list[int]]:
+        """BatchGet's reads from one snapshot: each key's value or error, and the positions of
+        values kept in chunks (read afterwards, each on its own)."""
         results: list[tuple[ObjectInfo, bytes] | errors.BlobstoreError] = []
         chunked: list[int] = []
         total = 0
-        prefix = schema.object_prefix(caller.namespace, storage_type)
         now = self.clock()
         with self.index.reader() as r:
             for key in keys:
@@ -848,6 +842,21 @@ class Engine:
                 if has_chunks:
                     chunked.append(len(results))
                 results.append((self._info(key, storage_type, record), record.inline_data))
+        return results, chunked
+
+    async def batch_get(
+        self, caller: Caller, storage_type: StorageType, keys: list[str], *, max_total_bytes: int | None = None
+    ) -> list[tuple[ObjectInfo, bytes] | errors.BlobstoreError]:
+        """Reads many values from one snapshot; each key succeeds or fails on its own.
+
+        Values past `max_total_bytes` (what one response message can carry)
+        fail with BatchResponseFull, for the caller to Get them on their own.
+        """
+        self._check_batch_size(len(keys))
+        self._check_readable(caller, storage_type)
+        results, chunked = await self.run_read(
+            self._read_batch, schema.object_prefix(caller.namespace, storage_type), storage_type, keys, max_total_bytes
+        )
         for position in chunked:
             info, _ = results[position]  # type: ignore[misc]
             try:
