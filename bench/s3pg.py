@@ -22,6 +22,7 @@ import argparse
 import os
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -135,12 +136,36 @@ def timed(parallel: int, work: Callable[[int], object], count: int) -> float:
     return time.perf_counter() - start
 
 
+def _start_profiler(folder: Path | None, key: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server for one phase; the rounds of a phase add up in one file of collapsed stacks."""
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{key}-{time.monotonic_ns()}.txt"
+    py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if py_spy is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    spy = subprocess.Popen(
+        [
+            *(py_spy, "record", "--pid", str(pid), "--output", str(out)),
+            *("--format", "raw", "--rate", "250", "--threads", "--nonblocking"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)  # attaching takes a moment
+    return spy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument(
+        "--profile", type=Path, help="record the blobstore server with py-spy during its phases into this folder"
+    )
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="blobstore-bench-s3pg-"))
     pg = Postgres(durable=True).start()
@@ -177,9 +202,13 @@ def main() -> None:
         cpu_used: dict[str, dict[str, float]] = {key: {} for key in results}
 
         def measure(key: str, parallel: int, work: Callable[[int], object]) -> None:
+            spy = _start_profiler(options.profile, key, server.pid) if key.endswith("_blobstore") else None
             before = meter.snapshot()
             results[key].append(total / timed(parallel, work, options.files) / 1e6)
             after = meter.snapshot()
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
             for party, seconds in after.items():
                 cpu_used[key][party] = cpu_used[key].get(party, 0.0) + seconds - before[party]
 

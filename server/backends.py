@@ -23,9 +23,11 @@ IndexKind = Literal["lmdb", "postgres"]
 CHUNK_STORES: tuple[ChunkStoreKind, ...] = ("file", "s3")
 INDEXES: tuple[IndexKind, ...] = ("lmdb", "postgres")
 
-# Fewer, larger objects: the gateway's cost is per request as much as per byte. 4 MiB is the
-# largest chunk that still fits one gRPC message of a download.
-REMOTE_CHUNK_SIZE = 4 << 20
+# Fewer, larger objects: the gateway's cost is per request as much as per byte (and so is ours:
+# a lease, an index look-up and a botocore request per chunk). Downloads cut chunks into
+# messages of at most 1 MiB, so the chunk size does not bound a message.
+REMOTE_CHUNK_SIZE = 8 << 20
+REMOTE_CHUNK_SIZE_RANGE = (1 << 20, 64 << 20)
 REMOTE_PIPELINE_DEPTH = 4
 REMOTE_READAHEAD = 4
 REMOTE_IO_THREADS = 32
@@ -46,6 +48,9 @@ class S3Config:
     addressing_style: str = "path"
     # Sized above the engine's I/O threads (every chunk transfer holds one connection).
     max_connections: int = 64
+    # Size of the chunk objects new uploads make. Chunks are named by their content, so a store
+    # holds chunks of any size; changing this leaves existing objects readable as they are.
+    chunk_size: int = REMOTE_CHUNK_SIZE
 
 
 @dataclass
@@ -74,6 +79,9 @@ class BackendConfig:
             raise ValueError(f"chunk_store must be one of {', '.join(CHUNK_STORES)}, not {self.chunk_store!r}")
         if self.index not in INDEXES:
             raise ValueError(f"index must be one of {', '.join(INDEXES)}, not {self.index!r}")
+        low, high = REMOTE_CHUNK_SIZE_RANGE
+        if self.chunk_store == "s3" and not low <= self.s3.chunk_size <= high:
+            raise ValueError(f"s3.chunk_size must be between {low} and {high} bytes, not {self.s3.chunk_size}")
 
 
 def open_index(data_dir: str, config: BackendConfig, *, map_size: int | None = None) -> Index:
@@ -108,7 +116,7 @@ def open_backend_engine(
         # Each chunk is a request with a round trip of latency: keep more of them in flight.
         config = replace(
             config,
-            chunk_size=max(config.chunk_size, REMOTE_CHUNK_SIZE),
+            chunk_size=max(config.chunk_size, backends.s3.chunk_size),
             upload_pipeline_depth=max(config.upload_pipeline_depth, REMOTE_PIPELINE_DEPTH),
             download_readahead=max(config.download_readahead, REMOTE_READAHEAD),
             io_threads=max(config.io_threads, REMOTE_IO_THREADS),

@@ -50,19 +50,51 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 _SCAN_BATCH = 500
 _PUT_BATCH = 1000  # rows per INSERT: far below PostgreSQL's 65535 parameters
+# Each nextval() reserves this many generations for the transaction that called it, so a
+# batch of up to this many entries costs one round trip for its generations, not one each.
+# Values a transaction leaves unused are gaps, as generations already have across keys.
+# Only ever raise it: a replica still running with a larger block would collide with a smaller one.
+GENERATION_BLOCK = 1024
 # Serialization failures and deadlocks: the transaction did nothing and may run again.
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
+
+
+class _GenerationBlock:
+    """The generations one nextval() reserved for a transaction, handed out in order.
+
+    Every value of the block is above what any transaction got before the call and below
+    what any gets after it, so a key's next version, committed by a transaction that saw the
+    previous one, still gets a larger generation.
+    """
+
+    __slots__ = ("_conn", "_left", "_q")
+
+    def __init__(self, conn: psycopg.Connection[Any], queries: _Queries) -> None:
+        self._conn = conn
+        self._q = queries
+        self._left = range(0)
+
+    def take(self) -> int:
+        if not self._left:
+            row = self._conn.execute(self._q.next_generation).fetchone()
+            assert row is not None
+            self._left = range(int(row[0]), int(row[0]) + GENERATION_BLOCK)
+        generation, self._left = self._left[0], self._left[1:]
+        return generation
 
 
 class _Txn:
     """One transaction's view; writes are buffered and sent together at the end (one round trip)."""
 
-    __slots__ = ("_conn", "_pending", "_q")
+    __slots__ = ("_conn", "_generations", "_pending", "_q")
 
-    def __init__(self, conn: psycopg.Connection[Any], queries: _Queries) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], queries: _Queries, generations: _GenerationBlock | None = None
+    ) -> None:
         self._conn = conn
         self._q = queries
         self._pending: dict[tuple[str, bytes], bytes] = {}
+        self._generations = generations or _GenerationBlock(conn, queries)
 
     def get(self, table: str, key: bytes) -> bytes | None:
         pending = self._pending.get((table, key))
@@ -97,9 +129,7 @@ class _Txn:
 
     def next_generation(self) -> int:
         """The store-wide generation from a sequence: no hot row that every commit must update."""
-        row = self._conn.execute(self._q.next_generation).fetchone()
-        assert row is not None
-        return int(row[0])
+        return self._generations.take()
 
     def flush(self) -> None:
         _write_rows(self._conn, self._q, self._pending)
@@ -125,8 +155,16 @@ class _GroupOpTxn(_Txn):
 
     __slots__ = ("_group", "savepoint")
 
-    def __init__(self, conn: psycopg.Connection[Any], queries: _Queries, group: dict[tuple[str, bytes], bytes]):
-        super().__init__(conn, queries)
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        queries: _Queries,
+        group: dict[tuple[str, bytes], bytes],
+        generations: _GenerationBlock,
+    ):
+        # One block of generations for the group: nextval() is not undone by a rollback, so what
+        # an op that failed took stays taken, and the next op goes on from there.
+        super().__init__(conn, queries, generations)
         self._group = group
         self.savepoint = False
 
@@ -221,6 +259,8 @@ class _Queries:
                 "(tbl TEXT NOT NULL, k BYTEA NOT NULL, v BYTEA NOT NULL, PRIMARY KEY (tbl, k))"
             ),
             q("CREATE SEQUENCE IF NOT EXISTS {seq}"),
+            # Stores made before generations came in blocks: every later value is above the old ones.
+            q(f"ALTER SEQUENCE {{seq}} INCREMENT BY {GENERATION_BLOCK}"),
         ]
 
 
@@ -365,15 +405,21 @@ class PostgresIndex:
     def _attempt_group(self, jobs: list[_Job]) -> list[list[Any]]:
         with self._serializable() as conn:
             group: dict[tuple[str, bytes], bytes] = {}
-            outcomes = [[self._run_op(conn, group, job, op) for op in job.ops] for job in jobs]
+            generations = _GenerationBlock(conn, self._q)
+            outcomes = [[self._run_op(conn, group, generations, job, op) for op in job.ops] for job in jobs]
             _write_rows(conn, self._q, group)
         return outcomes
 
     def _run_op(
-        self, conn: psycopg.Connection[Any], group: dict[tuple[str, bytes], bytes], job: _Job, op: Callable[..., Any]
+        self,
+        conn: psycopg.Connection[Any],
+        group: dict[tuple[str, bytes], bytes],
+        generations: _GenerationBlock,
+        job: _Job,
+        op: Callable[..., Any],
     ) -> Any:
         """The op's result, or the exception that undid it alone."""
-        txn = _GroupOpTxn(conn, self._q, group)
+        txn = _GroupOpTxn(conn, self._q, group, generations)
         try:
             result = op(txn)
         except (*_RETRYABLE, psycopg.OperationalError):

@@ -16,7 +16,7 @@ from psycopg import sql
 from blobstore.server import errors
 from blobstore.server.backends import BackendConfig
 from blobstore.server.index import IndexWriter
-from blobstore.server.pgindex import PostgresIndex
+from blobstore.server.pgindex import GENERATION_BLOCK, PostgresIndex
 from blobstore.server.s3store import S3ChunkStore
 from tests.conftest import RunningServer
 
@@ -190,6 +190,78 @@ def test_concurrent_read_modify_writes_lose_no_update(index: PostgresIndex) -> N
 def test_generations_come_from_a_sequence_and_only_grow(index: PostgresIndex) -> None:
     seen = [index.submit(lambda txn: txn.next_generation()).result() for _ in range(5)]  # type: ignore[attr-defined]
     assert seen == sorted(seen) and len(set(seen)) == 5
+
+
+def _nextval_calls(index: PostgresIndex) -> int:
+    with psycopg.connect(index.config.dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (last_value - 1) / %s + 1 FROM pg_sequences WHERE schemaname = %s AND sequencename = 'generation'",
+            (GENERATION_BLOCK, index.config.schema),
+        ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _stamp(keys: list[bytes]) -> Callable[[IndexWriter], list[int]]:
+    """Gives each key a new generation, which must be above the one it has."""
+
+    def op(txn: IndexWriter) -> list[int]:
+        given = []
+        for key in keys:
+            raw = txn.get("meta", key)
+            generation: int = txn.next_generation()  # type: ignore[attr-defined]
+            assert raw is None or generation > int(raw), f"{key!r}: generation {generation} after {raw!r}"
+            txn.put("meta", key, str(generation).encode())
+            given.append(generation)
+        return given
+
+    return op
+
+
+def test_a_batch_takes_its_generations_in_one_round_trip(index: PostgresIndex) -> None:
+    index.submit(lambda txn: txn.next_generation()).result()  # type: ignore[attr-defined]
+    before = _nextval_calls(index)
+    one_op = index.submit(_stamp([b"g%d" % i for i in range(50)])).result()
+    assert _nextval_calls(index) == before + 1
+    one_op_each = index.submit_batch([_stamp([b"h%d" % i]) for i in range(50)]).result()
+    assert _nextval_calls(index) == before + 2
+    given = one_op + [generation for (generation,) in one_op_each]
+    assert given == sorted(given) and len(set(given)) == 100
+
+
+def test_generations_stay_unique_and_grow_under_concurrent_batches_on_two_replicas(index: PostgresIndex) -> None:
+    keys = [b"shared%d" % i for i in range(8)]
+    other = PostgresIndex(index.config)  # a second replica's connection pool
+    committed: list[tuple[list[bytes], list[int]]] = []
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        replica = index if number % 2 else other
+        for round_number in range(8):
+            order = keys[number % len(keys) :] + keys[: number % len(keys)]
+            chosen = order[: 3 + (number + round_number) % 5]
+            given = replica.submit(_stamp(chosen)).result()
+            with lock:
+                committed.append((chosen, given))
+
+    try:
+        threads = [threading.Thread(target=client, args=(number,)) for number in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        other.close()
+    assert len(committed) == 48
+    everything = [generation for _, given in committed for generation in given]
+    assert len(set(everything)) == len(everything)
+    assert all(given == sorted(given) for _, given in committed)
+    latest: dict[bytes, int] = {}
+    for chosen, given in committed:
+        for key, generation in zip(chosen, given, strict=True):
+            latest[key] = max(latest.get(key, 0), generation)
+    with index.reader() as r:
+        # The version that stands is the one committed last: it must hold the largest generation.
+        assert {key: int(r.get("meta", key) or b"0") for key in keys} == latest
 
 
 def test_a_batch_commits_together_and_a_failing_op_alone(index: PostgresIndex) -> None:

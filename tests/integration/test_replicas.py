@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 
 from blobstore.client import PreconditionError, Storage, cli
 from blobstore.client.errors import AuthenticationError
+from blobstore.internal import records_pb2 as rec
 from blobstore.server import schema
 from blobstore.server.backends import BackendConfig
 from blobstore.server.model import ANONYMOUS
@@ -304,3 +306,28 @@ def _wait_persisted(address: str, upload_id: str, done: Callable[[int], bool]) -
                 return
             threading.Event().wait(0.05)
     raise AssertionError("the first replica never persisted any of the upload")
+
+
+def test_replicas_with_different_chunk_sizes_read_each_others_objects(tmp_path: Path, backends: BackendConfig) -> None:
+    # Chunks are named by their content: a store whose chunk size changed holds both sizes,
+    # and every replica reads them all, whichever size it writes itself.
+    chunk_sizes = [MiB, 2 * MiB]
+    started = [
+        start_server(tmp_path / f"sized{i}", s3=dataclasses.replace(backends.s3, chunk_size=size))
+        for i, size in enumerate(chunk_sizes)
+    ]
+    clients = [running.client() for running in started]
+    try:
+        values = {f"made-by-{i}": _value(100 + i, 5 * MiB + 17) for i in range(len(clients))}
+        for i, client in enumerate(clients):
+            client.set(f"made-by-{i}", values[f"made-by-{i}"])
+        for client in clients:
+            for key, value in values.items():
+                assert client.get(key) == value, f"{key} differs on {client.address}"
+        with started[0].engine.index.reader() as r:
+            stored_sizes = {rec.ChunkRecord.FromString(raw).size for _, raw in r.scan(schema.CHUNKS, b"")}
+        assert set(chunk_sizes) <= stored_sizes
+    finally:
+        for client in clients:
+            client.close()
+    _assert_store_consistent(started, backends)

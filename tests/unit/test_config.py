@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pytest
 
 from blobstore.server.app import ServerConfig
+from blobstore.server.backends import BackendConfig, S3Config
 from blobstore.server.config import ConfigError, load_config, parse_assignments, settings
 from blobstore.server.engine import EngineConfig
 
@@ -135,3 +136,12 @@ def test_the_sample_file_holds_every_setting_at_its_default() -> None:
         # A setting whose default TOML cannot write (None) stands commented out.
         commented = "# " if setting.default is None else ""
         assert f"\n{commented}{setting.path[-1]} = " in text, f"{setting.name} is missing from the sample file"
+
+
+def test_the_s3_chunk_size_is_a_setting_within_bounds() -> None:
+    config = load_config(ServerConfig, env={"BLOBSTORE_S3_CHUNK_SIZE": str(4 << 20)})
+    assert config.s3.chunk_size == 4 << 20
+    BackendConfig(chunk_store="s3", s3=config.s3).validate()
+    for size in (64 << 10, 128 << 20):
+        with pytest.raises(ValueError, match=r"s3\.chunk_size must be between"):
+            BackendConfig(chunk_store="s3", s3=S3Config(bucket="b", chunk_size=size)).validate()
