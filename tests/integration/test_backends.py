@@ -175,10 +175,7 @@ def test_concurrent_read_modify_writes_lose_no_update(index: PostgresIndex) -> N
             )
             for i in range(4)
         ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_all(threads)
         for future in futures:
             future.result()
     finally:
@@ -244,11 +241,7 @@ def test_generations_stay_unique_and_grow_under_concurrent_batches_on_two_replic
                 committed.append((chosen, given))
 
     try:
-        threads = [threading.Thread(target=client, args=(number,)) for number in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_all([threading.Thread(target=client, args=(number,)) for number in range(6)])
     finally:
         other.close()
     assert len(committed) == 48
@@ -302,3 +295,10 @@ def test_a_stalled_index_does_not_stall_the_server(server: RunningServer, backen
             assert not waiting.done(), "the Get should still be waiting on the locked index"
             blocker.rollback()
             assert waiting.result(timeout=60) == b"value"
+
+
+def _run_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
