@@ -1001,7 +1001,7 @@ class WriteBehind:
 
     def __init__(self, fobj: BinaryIO, window: int = 4 << 20) -> None:
         self._fobj = fobj
-        # Bytes, not pieces: servers on S3 send 4 MiB messages, and memory must stay bounded.
+        # Bytes, not pieces: a server may send messages up to the 4 MiB message limit, and memory must stay bounded.
         self._window = window
         self._queued = 0
         self._pending: deque[tuple[Future[int], int]] = deque()

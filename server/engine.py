@@ -482,11 +482,17 @@ class Engine:
 
     # ------------------------------------------------------------------ writes
 
-    def _validate_write(self, caller: Caller, spec: UploadSpec) -> None:
-        validate_key(spec.key)
-        validate_metadata(spec.metadata)
-        if spec.if_generation_match is not None and spec.if_generation_match < 0:
+    @staticmethod
+    def _validate_target(key: str, metadata: dict[str, str], if_generation_match: int | None) -> None:
+        """What every write checks of its key, metadata and precondition."""
+        validate_key(key)
+        if metadata:  # batches run this once per value: skip the call for the common empty map
+            validate_metadata(metadata)
+        if if_generation_match is not None and if_generation_match < 0:
             raise errors.InvalidArgument("if_generation_match must be 0 (must not exist) or a generation")
+
+    def _validate_write(self, caller: Caller, spec: UploadSpec) -> None:
+        self._validate_target(spec.key, spec.metadata, spec.if_generation_match)
         if spec.declared_size is not None and spec.declared_size < 0:
             raise errors.InvalidArgument("size must not be negative")
 
@@ -666,11 +672,7 @@ class Engine:
 
     def _batch_draft(self, entry: BatchEntry) -> rec.ObjectRecord:
         """Validates one batch entry and builds its record (with its key), without chunks yet."""
-        validate_key(entry.key)
-        if entry.metadata:
-            validate_metadata(entry.metadata)
-        if entry.if_generation_match is not None and entry.if_generation_match < 0:
-            raise errors.InvalidArgument("if_generation_match must be 0 (must not exist) or a generation")
+        self._validate_target(entry.key, entry.metadata, entry.if_generation_match)
         value = entry.value
         if len(value) > self.config.max_unary_value:
             raise errors.InvalidArgument(
