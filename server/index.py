@@ -163,16 +163,18 @@ class LmdbIndex:
         with self._env.begin() as txn:
             yield _LmdbTxn(txn, self._dbs)
 
-    def submit(self, op: Callable[[IndexWriter], T]) -> Future[T]:
+    def _check_writable(self) -> None:
         if self._closed or self._readonly:
             raise errors.Unavailable("the index is closed" if self._closed else "the index was opened read-only")
+
+    def submit(self, op: Callable[[IndexWriter], T]) -> Future[T]:
+        self._check_writable()
         future: Future[T] = Future()
         self._queue.put(((op, future),))
         return future
 
     def submit_many(self, ops: list[Callable[[IndexWriter], Any]]) -> list[Future[Any]]:
-        if self._closed or self._readonly:
-            raise errors.Unavailable("the index is closed" if self._closed else "the index was opened read-only")
+        self._check_writable()
         jobs: list[_Job] = [(op, Future()) for op in ops]
         self._queue.put(jobs)
         return [future for _, future in jobs]
