@@ -12,7 +12,7 @@ import builtins
 import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import IO, Any, BinaryIO, TypeVar
+from typing import IO, Any, TypeVar
 
 import grpc
 
@@ -26,6 +26,7 @@ from blobstore.client.storage import (
     PathOrFile,
     Progress,
     UploadStatus,
+    Writable,
     _Client,
     _open_for_reading,
     backoff_delay,
@@ -281,7 +282,7 @@ class AsyncStorage(_Client):
                 return await self._download_into(state, fobj)
         return await self._download_into(state, file)  # type: ignore[arg-type]
 
-    async def _download_into(self, state: DownloadState, fobj: BinaryIO) -> ObjectInfo:
+    async def _download_into(self, state: DownloadState, fobj: Writable) -> ObjectInfo:
         while True:
             try:
                 async for response in self._stub.Download(state.request, metadata=self._metadata):

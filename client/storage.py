@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import IO, Any, BinaryIO, TypeVar, Union
+from typing import IO, Any, BinaryIO, Protocol, TypeVar, Union
 
 import google_crc32c
 import grpc
 
 from blobstore.client import errors
+from blobstore.client.directio import DirectWriter
 from blobstore.client.memory import keep_freed_memory
 from blobstore.client.transfer import DEFAULT_WINDOW, UploadSource, remaining_size
 from blobstore.v1 import storage_pb2 as pb
@@ -53,6 +54,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 T = TypeVar("T")
 
 PathOrFile = Union[str, "os.PathLike[str]", IO[Any]]
+
+
+class Writable(Protocol):
+    """Where a download goes: a binary file object, or the DirectWriter of a new file."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
 M = TypeVar("M", pb.GetRequest, pb.DownloadRequest, pb.StatRequest, pb.DeleteRequest)
 
 
@@ -850,7 +859,7 @@ class Storage(_Client):
                 return self._download_into(state, fobj)
         return self._download_into(state, file)  # type: ignore[arg-type]
 
-    def _download_into(self, state: DownloadState, fobj: BinaryIO) -> ObjectInfo:
+    def _download_into(self, state: DownloadState, fobj: Writable) -> ObjectInfo:
         with WriteBehind(fobj) as writer:
             while True:
                 try:
@@ -999,7 +1008,7 @@ class WriteBehind:
     write() or drain().
     """
 
-    def __init__(self, fobj: BinaryIO, window: int = 4 << 20) -> None:
+    def __init__(self, fobj: Writable, window: int = 4 << 20) -> None:
         self._fobj = fobj
         # Bytes, not pieces: a server may send messages up to the 4 MiB message limit, and memory must stay bounded.
         self._window = window
@@ -1030,12 +1039,15 @@ class WriteBehind:
 
 
 @contextmanager
-def writing_atomically(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A file beside `path` that replaces it when the block succeeds and vanishes when it fails."""
+def writing_atomically(path: str | os.PathLike[str]) -> Iterator[Writable]:
+    """A file beside `path` that replaces it when the block succeeds and vanishes when it fails.
+
+    Written with O_DIRECT where the file system allows it (client/directio.py).
+    """
     target = os.fspath(path)
     partial = f"{target}.part-{os.getpid()}-{threading.get_ident()}"
     try:
-        with open(partial, "wb") as fobj:
+        with DirectWriter(partial) as fobj:
             yield fobj
         os.replace(partial, target)
     except BaseException:

@@ -19,6 +19,7 @@ from blobstore.server import errors, status
 from blobstore.server.auth import Metadata
 from blobstore.server.convert import (
     ObjectFiller,
+    encode_download_response,
     fill_object,
     object_to_pb,
     optional_int,
@@ -157,7 +158,8 @@ class StorageServicer(pb_grpc.StorageServicer):
             return await self.sessions.open(caller, request.upload_id)
         raise errors.InvalidArgument("the first Upload message must carry a spec or an upload_id")
 
-    async def Download(self, request: pb.DownloadRequest, context: Context) -> AsyncIterator[pb.DownloadResponse]:
+    # Yields DownloadResponse messages already encoded (the method's serializer passes bytes on).
+    async def Download(self, request: pb.DownloadRequest, context: Context) -> AsyncIterator[bytes]:  # type: ignore[override]
         download = await self.engine.open_download(
             await self._caller(context),
             storage_type(request.storage_type),
@@ -167,23 +169,19 @@ class StorageServicer(pb_grpc.StorageServicer):
             generation=optional_int(request, "generation"),
         )
         try:
-            first: pb.DownloadResponse | None = pb.DownloadResponse(
+            # Messages are encoded here, not built as DownloadResponse: see encode_download_response.
+            head = pb.DownloadResponse(
                 object=object_to_pb(download.info),
                 content_range=pb.ContentRange(
                     start=download.range.start, end=download.range.end, complete_length=download.range.complete_length
                 ),
-            )
+            ).SerializeToString()
             async for data, crc in download.pieces(max_bytes=DOWNLOAD_MESSAGE_BYTES):
                 self._check_running()
-                if first is not None:
-                    first.data, first.crc32c = data, crc
-                    yield first
-                    first = None
-                else:
-                    yield pb.DownloadResponse(data=data, crc32c=crc)
-            if first is not None:
-                first.crc32c = google_crc32c.value(b"")
-                yield first
+                yield encode_download_response(data, crc, head)
+                head = b""
+            if head:
+                yield head
         finally:
             download.close()
 

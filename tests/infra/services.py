@@ -202,7 +202,10 @@ rgw gc obj min wait = 60
 rgw gc processor period = 60
 
 [client.rgw.gw]
-rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+# tcp_nodelay: without it a small GET (one chunk under about 1 MiB) waits 40 ms for the
+# client's delayed ACK before the body's last segment leaves (Nagle): measured 44-48 ms
+# against 1-3 ms for a 1-byte object.
+rgw frontends = beast endpoint=127.0.0.1:{rgw_port} tcp_nodelay=1
 rgw data = {root}/rgw
 rgw thread pool size = 64
 """

@@ -1,10 +1,14 @@
-"""Protobuf conversions of the servicer: ObjectFiller writes what fill_object writes."""
+"""Protobuf conversions of the servicer: ObjectFiller writes what fill_object writes; Download
+messages encoded by hand are the bytes protobuf would write."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from blobstore.server.convert import ObjectFiller, fill_object
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blobstore.server.convert import ObjectFiller, encode_download_response, fill_object, object_to_pb
 from blobstore.server.model import ObjectInfo, StorageType
 from blobstore.v1 import storage_pb2 as pb
 
@@ -31,3 +35,22 @@ def test_object_filler_writes_what_fill_object_writes() -> None:
         expected = fill_object(pb.Object(), info)
         assert filled == expected, info.key
         assert filled.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
+@given(
+    data=st.binary(max_size=300) | st.sampled_from([b"x" * 127, b"x" * 128, b"x" * 16383, b"x" * 16384]),
+    crc=st.sampled_from([0, 1, 0x7F, 0x80, 0xFFFFFFFF]) | st.integers(0, 0xFFFFFFFF),
+    first=st.booleans(),
+)
+def test_an_encoded_download_response_is_what_protobuf_writes(data: bytes, crc: int, first: bool) -> None:
+    message = pb.DownloadResponse(data=data, crc32c=crc)
+    head = b""
+    if first:
+        extra = pb.DownloadResponse(
+            object=object_to_pb(BASE), content_range=pb.ContentRange(start=3, end=3 + len(data), complete_length=10**12)
+        )
+        message.MergeFrom(extra)
+        head = extra.SerializeToString()
+    encoded = encode_download_response(memoryview(b"pad" + data + b"pad")[3 : 3 + len(data)], crc, head)
+    assert encoded == message.SerializeToString()
+    assert pb.DownloadResponse.FromString(encoded) == message
