@@ -851,7 +851,9 @@ class Storage(_Client):
         resumed from the bytes already received, pinned to the same generation:
         if the object changed meanwhile, PreconditionError is raised rather
         than splicing two versions. `progress`, if given, is called with the
-        size of each piece received.
+        size of each piece received. A path is written with O_DIRECT where its
+        file system allows it, so the download does not fill the page cache
+        (client/directio.py says why).
         """
         state = DownloadState(key, storage_type, self.retries, progress, sha256=self.verify_sha256)
         if isinstance(file, (str, os.PathLike)):

@@ -1169,6 +1169,8 @@ class UploadWriter:
         return self._done
 
     async def write(self, offset: int, data: bytes, *, known_crc32c: int | None = None) -> None:
+        """Takes the next `data` at `offset`. `known_crc32c`, when given, is data's CRC32C as the
+        caller has already checked it: it stands in for computing it again."""
         if self._done:
             raise errors.InvalidArgument("data after finish_write: the upload is already finished")
         if offset != self.size:
@@ -1192,10 +1194,14 @@ class UploadWriter:
                 chunk, self._buffer = bytes(self._buffer), bytearray()
                 await self._store(chunk)
         while len(view) >= chunk_size:
-            # Whole chunks go straight from the message: no copy when data is exactly one chunk.
-            piece = data if len(view) == len(data) == chunk_size else bytes(view[:chunk_size])
+            # Whole chunks go straight from the message: no copy (and no second CRC32C pass, the
+            # message's being checked already) when data is exactly one chunk.
+            if len(view) == len(data) == chunk_size:
+                piece, piece_crc = data, known_crc32c
+            else:
+                piece, piece_crc = bytes(view[:chunk_size]), None
             view = view[chunk_size:]
-            await self._store(piece)
+            await self._store(piece, piece_crc)
         if view:
             self._buffer += view
         await self._after_write()
@@ -1203,12 +1209,13 @@ class UploadWriter:
     async def _after_write(self) -> None:
         """Hook run after every write; resumable sessions checkpoint their progress here."""
 
-    async def _store(self, chunk: bytes) -> None:
+    async def _store(self, chunk: bytes, crc: int | None = None) -> None:
+        """Stores one chunk in the background; `crc` is its CRC32C when already known."""
         await self.engine.run_read(self.engine._check_room, self.caller.namespace, self.spec, self.size)
         loop = asyncio.get_running_loop()
         previous = self._hash_tail
         self._hash_tail = asyncio.ensure_future(self._feed_sha(previous, chunk))
-        stored = loop.run_in_executor(self.engine.executor, self._store_chunk, chunk)
+        stored = loop.run_in_executor(self.engine.executor, self._store_chunk, chunk, crc)
         self._pending.append((stored, self._hash_tail))
         if len(self._pending) >= self.engine.config.upload_pipeline_depth:
             await self._drain(keep=self.engine.config.upload_pipeline_depth - 1)
@@ -1242,9 +1249,9 @@ class UploadWriter:
             self._pending.pop(0)
             self._refs.append(ref)
 
-    def _store_chunk(self, chunk: bytes) -> rec.ChunkRef:
+    def _store_chunk(self, chunk: bytes, crc: int | None = None) -> rec.ChunkRef:
         digest = hashlib.sha256(chunk).digest()
-        ref = rec.ChunkRef(sha256=digest, size=len(chunk), crc32c=crc32c(chunk))
+        ref = rec.ChunkRef(sha256=digest, size=len(chunk), crc32c=crc32c(chunk) if crc is None else crc)
         engine = self.engine
         with self._pin_guard:
             if self._pins_released:

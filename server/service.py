@@ -117,15 +117,17 @@ class StorageServicer(pb_grpc.StorageServicer):
                     writer = await self._open_upload(caller, request)
                 elif request.WhichOneof("first_message") is not None:
                     raise errors.InvalidArgument("spec and upload_id belong in the first message only")
-                if request.data:
-                    if request.HasField("crc32c") and google_crc32c.value(request.data) != request.crc32c:
+                # Read once: every access of a bytes field copies it out of the message.
+                data = request.data
+                if data:
+                    if request.HasField("crc32c") and google_crc32c.value(data) != request.crc32c:
                         raise errors.ChecksumMismatch(
                             f"CRC32C of the data at write_offset {request.write_offset} does not match; "
                             "nothing was committed"
                         )
                     await writer.write(
                         request.write_offset,
-                        request.data,
+                        data,
                         known_crc32c=request.crc32c if request.HasField("crc32c") else None,
                     )
                 elif request.write_offset != writer.size:
