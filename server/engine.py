@@ -519,8 +519,8 @@ class Engine:
         if_generation_match: int | None = None,
         crc32c_expected: int | None = None,
     ) -> ObjectInfo:
-        spec = UploadSpec(key, storage_type, content_type, dict(metadata or {}), None, if_generation_match)
-        self._validate_write(caller, spec)
+        metadata = dict(metadata) if metadata else {}
+        self._validate_target(key, metadata, if_generation_match)
         if len(value) > self.config.max_unary_value:
             raise errors.InvalidArgument(
                 f"value is {len(value)} bytes; Set takes at most {self.config.max_unary_value}: "
@@ -533,11 +533,25 @@ class Engine:
             )
         if len(value) <= self.config.inline_threshold:
             # The whole value is here and lives in the record: no upload machinery needed.
-            draft = self._draft(key, value, value_crc, content_type, spec.metadata)
+            draft = self._draft(key, value, value_crc, content_type, metadata)
             record = await self._commit(
                 self._commit_op(caller.namespace, storage_type, key, draft, if_generation_match)
             )
-            return self._info(key, storage_type, record)
+            # What _info() would read back from the record, from the values at hand where it can.
+            return ObjectInfo.of(
+                key,
+                storage_type,
+                len(value),
+                record.generation,
+                content_type,
+                metadata,
+                record.create_time_ns,
+                record.update_time_ns,
+                value_crc,
+                draft.sha256,
+                record.expire_time_ns,
+            )
+        spec = UploadSpec(key, storage_type, content_type, metadata, None, if_generation_match)
         upload = self.new_upload(caller, spec)
         try:
             await upload.write(0, value, known_crc32c=value_crc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -68,11 +69,13 @@ class QuotaStatus:
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
+_configured_limits = operator.attrgetter(*LIMIT_NAMES)
+
+
 def limits_for(reader: IndexReader, namespace: str, config: QuotaConfig) -> Limits:
     """The configured defaults with the namespace's stored overrides applied."""
-    defaults = tuple(getattr(config, name) for name in LIMIT_NAMES)
     raw = reader.get(schema.QUOTAS, namespace.encode())
-    return _merge(defaults, None if raw is None else bytes(raw))
+    return _merge(_configured_limits(config), None if raw is None else bytes(raw))
 
 
 @functools.lru_cache(maxsize=1024)
