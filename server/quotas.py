@@ -58,6 +58,11 @@ class Limits:
     requests_per_second: float
     burst: int
 
+    @functools.cached_property
+    def bucket_capacity(self) -> float:
+        """Requests allowed at once: `burst`, or two seconds' worth of the rate (at least one)."""
+        return float(max(self.burst or math.ceil(2 * self.requests_per_second), 1))
+
 
 @dataclass(frozen=True)
 class QuotaStatus:
@@ -224,7 +229,7 @@ class RateLimiter:
         rate = limits.requests_per_second
         if rate <= 0:
             return
-        capacity = float(max(limits.burst or math.ceil(2 * rate), 1))
+        capacity = limits.bucket_capacity  # computed once per Limits, which limits_for caches
         with self._lock:
             now = self._clock()
             tokens, last = self._buckets.get(namespace, (capacity, now))
