@@ -90,7 +90,12 @@ def start_server(tree: str, workdir: Path) -> procs.Service:
 
 def python_thread_names(pid: int) -> dict[int, str]:
     """Thread id -> Python thread name, from py-spy (Python 3.11 does not name the OS threads)."""
-    dump = subprocess.run([str(procs.BIN / "py-spy"), "dump", "--pid", str(pid)], capture_output=True, text=True)
+    py_spy = procs.BIN / "py-spy"
+    if not py_spy.exists():
+        subprocess.run([procs.PYTHON, "-m", "pip", "install", "--quiet", "py-spy"], check=False)
+    if not py_spy.exists():
+        return {}  # threads keep their OS names (all "python")
+    dump = subprocess.run([str(py_spy), "dump", "--pid", str(pid)], capture_output=True, text=True)
     return {int(tid): name for tid, name in re.findall(r'^Thread (\d+) \(.*?\): "(.*)"', dump.stdout, re.MULTILINE)}
 
 
