@@ -59,6 +59,8 @@ def main() -> None:
     work = procs.ROOT / "build/bench/profile"
     out = procs.ROOT / "build/bench/profiles" / f"{args.op}-{args.size}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not (procs.BIN / "py-spy").exists():
+        subprocess.run([procs.PYTHON, "-m", "pip", "install", "--quiet", "py-spy"], check=True)
     server = procs.start_blobstore(work)
     source = work / "big.bin"
     try:

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
@@ -33,6 +33,7 @@ import google_crc32c
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, quotas, schema
 from blobstore.server.chunkstore import ChunkStore
+from blobstore.server.handback import Handback
 from blobstore.server.index import Index, IndexReader, IndexWriter
 from blobstore.server.model import (
     BatchEntry,
@@ -157,6 +158,7 @@ class Engine:
         # LMDB answers a read from memory in microseconds; a shared index (PostgreSQL) takes
         # network round trips, during which the event loop must go on serving everyone else.
         self.reads_wait_on_network = bool(getattr(index, "shared", False))
+        self._handback: Handback | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,8 +220,17 @@ class Engine:
         return future
 
     async def _commit(self, op: Callable[[IndexWriter], tuple[T, list[bytes]]]) -> T:
-        result, _ = await asyncio.wrap_future(self._submit_releasing(op))
+        result, _ = await self._wait(self._submit_releasing(op))
         return result
+
+    def _wait(self, future: Future[T]) -> Awaitable[T]:
+        """Awaits work finished on another thread (the index writer's commits, say): the
+        futures a group commit finishes together wake the event loop once."""
+        loop = asyncio.get_running_loop()
+        handback = self._handback
+        if handback is None or handback.loop is not loop:
+            handback = self._handback = Handback(loop)
+        return handback.wait(future)
 
     def _check_readable(self, caller: Caller, storage_type: StorageType) -> None:
         if storage_type is StorageType.PRODUCTS and not caller.has(Role.CATALOG):
@@ -508,8 +519,8 @@ class Engine:
         if_generation_match: int | None = None,
         crc32c_expected: int | None = None,
     ) -> ObjectInfo:
-        spec = UploadSpec(key, storage_type, content_type, dict(metadata or {}), None, if_generation_match)
-        self._validate_write(caller, spec)
+        metadata = dict(metadata) if metadata else {}
+        self._validate_target(key, metadata, if_generation_match)
         if len(value) > self.config.max_unary_value:
             raise errors.InvalidArgument(
                 f"value is {len(value)} bytes; Set takes at most {self.config.max_unary_value}: "
@@ -522,11 +533,25 @@ class Engine:
             )
         if len(value) <= self.config.inline_threshold:
             # The whole value is here and lives in the record: no upload machinery needed.
-            draft = self._draft(key, value, value_crc, content_type, spec.metadata)
+            draft = self._draft(key, value, value_crc, content_type, metadata)
             record = await self._commit(
                 self._commit_op(caller.namespace, storage_type, key, draft, if_generation_match)
             )
-            return self._info(key, storage_type, record)
+            # What _info() would read back from the record, from the values at hand where it can.
+            return ObjectInfo.of(
+                key,
+                storage_type,
+                len(value),
+                record.generation,
+                content_type,
+                metadata,
+                record.create_time_ns,
+                record.update_time_ns,
+                value_crc,
+                draft.sha256,
+                record.expire_time_ns,
+            )
+        spec = UploadSpec(key, storage_type, content_type, metadata, None, if_generation_match)
         upload = self.new_upload(caller, spec)
         try:
             await upload.write(0, value, known_crc32c=value_crc)

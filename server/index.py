@@ -14,7 +14,6 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import lmdb
@@ -91,6 +90,25 @@ class _LmdbTxn:
         return bool(self._txn.delete(key, db=self._dbs[table]))
 
 
+class _LmdbSnapshot(_LmdbTxn):
+    """A read transaction as a context manager. A class rather than a @contextmanager generator:
+    every request reads the index this way (its caller's token and limits, then its record),
+    and the generator's machinery cost more than the LMDB transaction itself."""
+
+    __slots__ = ("_env",)
+
+    def __init__(self, env: lmdb.Environment, dbs: dict[str, Any]) -> None:
+        self._env = env
+        self._dbs = dbs
+
+    def __enter__(self) -> _LmdbSnapshot:
+        self._txn = self._env.begin()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._txn.abort()
+
+
 _Job = tuple[Callable[[IndexWriter], Any], "Future[Any]"]
 # Queued to a writer thread: it stops once the jobs queued before have run.
 STOP = object()
@@ -158,10 +176,8 @@ class LmdbIndex:
         if not readonly:
             self._writer.start()
 
-    @contextmanager
-    def reader(self) -> Iterator[IndexReader]:
-        with self._env.begin() as txn:
-            yield _LmdbTxn(txn, self._dbs)
+    def reader(self) -> _LmdbSnapshot:
+        return _LmdbSnapshot(self._env, self._dbs)
 
     def _check_writable(self) -> None:
         if self._closed or self._readonly:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -57,6 +58,11 @@ class Limits:
     requests_per_second: float
     burst: int
 
+    @functools.cached_property
+    def bucket_capacity(self) -> float:
+        """Requests allowed at once: `burst`, or two seconds' worth of the rate (at least one)."""
+        return float(max(self.burst or math.ceil(2 * self.requests_per_second), 1))
+
 
 @dataclass(frozen=True)
 class QuotaStatus:
@@ -68,11 +74,13 @@ class QuotaStatus:
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
+_configured_limits = operator.attrgetter(*LIMIT_NAMES)
+
+
 def limits_for(reader: IndexReader, namespace: str, config: QuotaConfig) -> Limits:
     """The configured defaults with the namespace's stored overrides applied."""
-    defaults = tuple(getattr(config, name) for name in LIMIT_NAMES)
     raw = reader.get(schema.QUOTAS, namespace.encode())
-    return _merge(defaults, None if raw is None else bytes(raw))
+    return _merge(_configured_limits(config), None if raw is None else bytes(raw))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -221,7 +229,7 @@ class RateLimiter:
         rate = limits.requests_per_second
         if rate <= 0:
             return
-        capacity = float(max(limits.burst or math.ceil(2 * rate), 1))
+        capacity = limits.bucket_capacity  # computed once per Limits, which limits_for caches
         with self._lock:
             now = self._clock()
             tokens, last = self._buckets.get(namespace, (capacity, now))

@@ -85,7 +85,7 @@ class StorageServicer(pb_grpc.StorageServicer):
             request.key,
             request.value,
             content_type=request.content_type,
-            metadata=dict(request.metadata),
+            metadata=dict(request.metadata) if request.metadata else None,
             if_generation_match=optional_int(request, "if_generation_match"),
             crc32c_expected=optional_int(request, "crc32c"),
         )
