@@ -16,16 +16,14 @@ import argparse
 import asyncio
 import os
 import random
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
 import google_crc32c
 
+from bench import procs
 from blobstore.server.engine import EngineConfig, open_engine
 from blobstore.server.service import StorageServicer
 from blobstore.v1 import storage_pb2 as pb
@@ -78,14 +76,7 @@ async def _run(op: str, size: int, calls: int, rounds: int) -> list[float]:
 
 
 def _instructions(op: str, size: int, calls: int) -> int:
-    argv = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-    argv += [sys.executable, "-m", "bench.batch_servicer", op, "--size", str(size), "--calls", str(calls)]
-    argv += ["--rounds", "1"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="0"))
-    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-    if found is None:
-        raise RuntimeError(f"no instruction count in valgrind's output:\n{done.stderr[-2000:]}")
-    return int(found.group(1).replace(",", ""))
+    return procs.instructions(["bench.batch_servicer", op, "--size", str(size), "--calls", str(calls), "--rounds", "1"])
 
 
 def main() -> None:

@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
 import grpc
 
+from bench import procs
 from blobstore.server.app import BlobstoreServer, ServerConfig
 from blobstore.server.engine import EngineConfig
 from blobstore.v1 import storage_pb2 as pb
@@ -92,14 +90,8 @@ async def _run(op: str, size: int, calls: int, rounds: int, concurrency: int) ->
 
 
 def _instructions(op: str, size: int, calls: int) -> int:
-    argv = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-    argv += [sys.executable, "-m", "bench.call_cpu", op, "--size", str(size), "--calls", str(calls)]
-    argv += ["--rounds", "1", "--concurrency", "1"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="0"))
-    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-    if found is None:
-        raise RuntimeError(f"no instruction count in valgrind's output:\n{done.stderr[-2000:]}")
-    return int(found.group(1).replace(",", ""))
+    argv = ["bench.call_cpu", op, "--size", str(size), "--calls", str(calls), "--rounds", "1", "--concurrency", "1"]
+    return procs.instructions(argv)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -183,3 +184,15 @@ def run_json(argv: list[str], timeout: float = 1800) -> dict[str, float]:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr.decode()[-3000:]}")
     result: dict[str, float] = json.loads(done.stdout.decode().strip().splitlines()[-1])
     return result
+
+
+def instructions(module_argv: list[str]) -> int:
+    """Instructions that `python -m MODULE_ARGV...` executes, counted by valgrind (cachegrind):
+    unlike CPU time, the same from run to run on a shared machine."""
+    argv = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+    argv += [sys.executable, "-m", *module_argv]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="0"))
+    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))

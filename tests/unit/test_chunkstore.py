@@ -3,7 +3,6 @@ page cache where the file system refuses O_DIRECT; either way a chunk reads back
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from pathlib import Path
@@ -44,15 +43,8 @@ def test_chunks_of_every_size_read_back_exactly(tmp_path: Path) -> None:
         assert store.direct_io
 
 
-def test_a_file_system_without_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_open = os.open
-
-    def refusing_direct(path: str, flags: int, mode: int = 0o777) -> int:
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument", path)
-        return real_open(path, flags, mode)
-
-    monkeypatch.setattr(os, "open", refusing_direct)
+@pytest.mark.usefixtures("file_system_without_o_direct")
+def test_a_file_system_without_o_direct_gets_buffered_writes(tmp_path: Path) -> None:
     store = FileChunkStore(str(tmp_path))
     put_and_check(store, SIZES)
     assert not store.direct_io

@@ -43,17 +43,8 @@ def test_an_existing_file_is_replaced_not_merged(tmp_path: Path) -> None:
     assert path.read_bytes() == b"short"
 
 
-def test_a_file_system_refusing_o_direct_at_open_gets_cached_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_open = os.open
-
-    def refusing_direct(path: str, flags: int, mode: int = 0o777) -> int:
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument", path)
-        return real_open(path, flags, mode)
-
-    monkeypatch.setattr(os, "open", refusing_direct)
+@pytest.mark.usefixtures("file_system_without_o_direct")
+def test_a_file_system_refusing_o_direct_at_open_gets_cached_writes(tmp_path: Path) -> None:
     data = os.urandom(ALIGNMENT * 3 + 11)
     writer = write_in_pieces(tmp_path / "out", data, 4, 4 << 20)
     assert not writer.direct
