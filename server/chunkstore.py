@@ -56,11 +56,15 @@ def _raise_disk_error(exc: OSError) -> None:
 # O_DIRECT wants the buffer's address, the length and the file offset aligned to the device's
 # logical block size: 4096 covers every common device.
 DIRECT_ALIGNMENT = 4096
+# A chunk goes through the aligned buffer this much at a time: whatever the configured chunk
+# size, each writer thread keeps at most this much resident for it.
+DIRECT_WINDOW = 1 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class _AlignedBuffer(threading.local):
-    """One page-aligned buffer per thread, kept for reuse: its pages stay resident."""
+    """One page-aligned buffer per thread, kept for reuse: its pages stay resident. It grows
+    to the largest piece it was given, at most DIRECT_WINDOW rounded up to the alignment."""
 
     def __init__(self) -> None:
         self.buffer = mmap.mmap(-1, DIRECT_ALIGNMENT)
@@ -145,9 +149,10 @@ class FileChunkStore:
             self.direct_io = False
             return False
         try:
-            view = self._aligned.holding(data)
+            source = memoryview(data)
             try:
-                _write_all(fd, view)
+                for start in range(0, len(source), DIRECT_WINDOW):
+                    _write_all(fd, self._aligned.holding(source[start : start + DIRECT_WINDOW]))
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -156,8 +161,8 @@ class FileChunkStore:
                 fd = -1
                 os.unlink(path)
                 return False
-            if len(view) != len(data):
-                os.ftruncate(fd, len(data))  # the padding goes; what remains is the chunk
+            if len(source) % DIRECT_ALIGNMENT:
+                os.ftruncate(fd, len(source))  # the padding goes; what remains is the chunk
         finally:
             if fd >= 0:
                 os.close(fd)

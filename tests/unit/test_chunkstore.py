@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blobstore.server.chunkstore import DIRECT_ALIGNMENT, FileChunkStore
+from blobstore.server.chunkstore import DIRECT_ALIGNMENT, DIRECT_WINDOW, FileChunkStore
 
 # Around the alignment, where padding and truncation could go wrong.
 SIZES = [
@@ -18,8 +18,10 @@ SIZES = [
     DIRECT_ALIGNMENT,
     DIRECT_ALIGNMENT + 1,
     3 * DIRECT_ALIGNMENT + 17,
-    1 << 20,
-    (1 << 20) + 5,
+    DIRECT_WINDOW,
+    DIRECT_WINDOW + 5,
+    3 * DIRECT_WINDOW + DIRECT_ALIGNMENT,  # a chunk size over the window: several windows, none padded
+    4 << 20,
 ]
 
 
@@ -38,6 +40,7 @@ def put_and_check(store: FileChunkStore, sizes: list[int]) -> None:
 def test_chunks_of_every_size_read_back_exactly(tmp_path: Path) -> None:
     store = FileChunkStore(str(tmp_path))
     put_and_check(store, SIZES + list(reversed(SIZES)))  # the buffer grows, then is reused
+    assert len(store._aligned.buffer) <= DIRECT_WINDOW  # however large the chunk
     # On the file systems CI and the benchmarks use (ext4, xfs), the direct path is the one taken.
     if os.uname().sysname == "Linux" and _supports_direct(tmp_path):
         assert store.direct_io
