@@ -537,20 +537,7 @@ class Engine:
             record = await self._commit(
                 self._commit_op(caller.namespace, storage_type, key, draft, if_generation_match)
             )
-            # What _info() would read back from the record, from the values at hand where it can.
-            return ObjectInfo.of(
-                key,
-                storage_type,
-                len(value),
-                record.generation,
-                content_type,
-                metadata,
-                record.create_time_ns,
-                record.update_time_ns,
-                value_crc,
-                draft.sha256,
-                record.expire_time_ns,
-            )
+            return self._info(key, storage_type, record)
         spec = UploadSpec(key, storage_type, content_type, metadata, None, if_generation_match)
         upload = self.new_upload(caller, spec)
         try:
