@@ -29,12 +29,27 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class DirectWriter:
-    """Creates (or truncates) `path` and writes it front to back; close() finishes the file."""
+    """Creates (or truncates) `path` and writes it front to back; close() finishes the file.
 
-    def __init__(self, path: str, buffer_bytes: int = BUFFER_BYTES) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    `buffer`, when given, is a reusable mmap (its size a multiple of ALIGNMENT) that the writer
+    borrows instead of mapping its own: the server's chunk store writes many small files.
+    `exclusive` creates the file with O_EXCL instead of truncating one. `direct=False` skips
+    O_DIRECT altogether (a caller that has already seen its file system refuse it); afterwards
+    `direct` says whether the whole file went with O_DIRECT.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        buffer_bytes: int = BUFFER_BYTES,
+        *,
+        buffer: mmap.mmap | None = None,
+        exclusive: bool = False,
+        direct: bool = True,
+    ) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
         self.direct = False
-        if _O_DIRECT:
+        if direct and _O_DIRECT:
             try:
                 self._fd = os.open(path, flags | _O_DIRECT, 0o644)
                 self.direct = True
@@ -43,7 +58,10 @@ class DirectWriter:
                     raise
         if not self.direct:
             self._fd = os.open(path, flags, 0o644)
-        self._buffer = mmap.mmap(-1, max(ALIGNMENT, buffer_bytes // ALIGNMENT * ALIGNMENT))
+        self._owns_buffer = buffer is None
+        if buffer is None:
+            buffer = mmap.mmap(-1, max(ALIGNMENT, buffer_bytes // ALIGNMENT * ALIGNMENT))
+        self._buffer = buffer
         self._filled = 0
         self._size = 0
         self.closed = False
@@ -79,7 +97,8 @@ class DirectWriter:
                 os.ftruncate(self._fd, self._size)
         finally:
             os.close(self._fd)
-            self._buffer.close()
+            if self._owns_buffer:
+                self._buffer.close()
 
     def _write_all(self, view: memoryview) -> None:
         while view:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Protocol
 
+from blobstore.client.directio import ALIGNMENT, DirectWriter
 from blobstore.server import errors
 
 
@@ -53,38 +54,18 @@ def _raise_disk_error(exc: OSError) -> None:
     raise exc
 
 
-# O_DIRECT wants the buffer's address, the length and the file offset aligned to the device's
-# logical block size: 4096 covers every common device.
-DIRECT_ALIGNMENT = 4096
-# A chunk goes through the aligned buffer this much at a time: whatever the configured chunk
-# size, each writer thread keeps at most this much resident for it.
+# A chunk goes through its thread's aligned buffer this much at a time: whatever the configured
+# chunk size, each writer thread keeps at most this much resident for it.
 DIRECT_WINDOW = 1 << 20
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
+DIRECT_ALIGNMENT = ALIGNMENT
 
 
 class _AlignedBuffer(threading.local):
-    """One page-aligned buffer per thread, kept for reuse: its pages stay resident. It grows
-    to the largest piece it was given, at most DIRECT_WINDOW rounded up to the alignment."""
+    """One page-aligned buffer per writer thread, reused by every chunk it writes: its pages
+    stay resident, where a new mapping per chunk would take fresh pages each time."""
 
     def __init__(self) -> None:
-        self.buffer = mmap.mmap(-1, DIRECT_ALIGNMENT)
-
-    def holding(self, data: bytes | memoryview) -> memoryview:
-        """`data` copied into the buffer and zero-padded to the alignment; a view of that much."""
-        size = len(data)
-        padded = -(-size // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-        if len(self.buffer) < padded:
-            self.buffer.close()
-            self.buffer = mmap.mmap(-1, padded)
-        self.buffer[:size] = data
-        self.buffer[size:padded] = bytes(padded - size)
-        return memoryview(self.buffer)[:padded]
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        self.buffer = mmap.mmap(-1, DIRECT_WINDOW)
 
 
 class FileChunkStore:
@@ -96,7 +77,8 @@ class FileChunkStore:
     partial bytes, but nothing references them yet and the start-up sweep removes them.
 
     Chunk bytes are written with O_DIRECT where the file system allows it, through a reused
-    aligned buffer. Written through the page cache, every chunk took fresh cache pages: on a
+    aligned buffer per writer thread (blobstore.client.directio's DirectWriter, which get_file
+    uses too). Written through the page cache, every chunk took fresh cache pages: on a
     VM whose host reclaims the guest's free memory that cost 4.4-4.8 s of kernel CPU per GiB
     against 0.4-1.1 s direct (docs/benchmarks.md, optimisation log); and a store's chunks, read
     rarely and once, are what a page cache should not be filled with. Where the file system
@@ -110,7 +92,7 @@ class FileChunkStore:
         self._tmp = os.path.join(root, "tmp")
         os.makedirs(self._chunks, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
-        self.direct_io = bool(_O_DIRECT)
+        self.direct_io = bool(getattr(os, "O_DIRECT", 0))  # until the file system refuses it
         self._aligned = _AlignedBuffer()
 
     def path(self, digest: bytes) -> str:
@@ -125,8 +107,9 @@ class FileChunkStore:
             return  # another writer stored it, maybe not flushed yet: our sync() flushes it too
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
         try:
-            if not (self.direct_io and self._write_direct(tmp, data)):
-                self._write_buffered(tmp, data)
+            with DirectWriter(tmp, buffer=self._aligned.buffer, exclusive=True, direct=self.direct_io) as writer:
+                writer.write(data)
+            self.direct_io = writer.direct  # once refused, not asked again
             try:
                 os.rename(tmp, final)
             except FileNotFoundError:
@@ -138,43 +121,6 @@ class FileChunkStore:
             except FileNotFoundError:
                 pass
             _raise_disk_error(exc)
-
-    def _write_direct(self, path: str, data: bytes | memoryview) -> bool:
-        """Writes `path` with O_DIRECT; False (and no file left) where the file system refuses it."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o644)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.direct_io = False
-            return False
-        try:
-            source = memoryview(data)
-            try:
-                for start in range(0, len(source), DIRECT_WINDOW):
-                    _write_all(fd, self._aligned.holding(source[start : start + DIRECT_WINDOW]))
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct_io = False
-                os.close(fd)
-                fd = -1
-                os.unlink(path)
-                return False
-            if len(source) % DIRECT_ALIGNMENT:
-                os.ftruncate(fd, len(source))  # the padding goes; what remains is the chunk
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        return True
-
-    @staticmethod
-    def _write_buffered(path: str, data: bytes | memoryview) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, memoryview(data))
-        finally:
-            os.close(fd)
 
     def sync(self) -> None:
         fd = os.open(self._chunks, os.O_RDONLY)
