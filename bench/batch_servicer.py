@@ -12,7 +12,6 @@ repeats to about 0.5% and is what to compare two trees by (about a minute per co
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -75,24 +74,11 @@ async def _run(op: str, size: int, calls: int, rounds: int) -> list[float]:
         return per_call
 
 
-def _instructions(op: str, size: int, calls: int) -> int:
-    return procs.instructions(["bench.batch_servicer", op, "--size", str(size), "--calls", str(calls), "--rounds", "1"])
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("ops", nargs="*", help="set, get or both (the default)")
-    parser.add_argument("--size", type=int, default=100)
-    parser.add_argument("--calls", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--instructions", action="store_true", help="count instructions with valgrind")
-    args = parser.parse_args()
-    ops = args.ops or ["set", "get"]
-    if not set(ops) <= {"set", "get"}:
-        parser.error("operations are set and get")
+    args, ops = procs.set_get_options(__doc__, calls=300)
     for op in ops:
         if args.instructions:
-            per_call = (_instructions(op, args.size, 80) - _instructions(op, args.size, 20)) / 60
+            per_call = procs.instructions_per_call("bench.batch_servicer", op, args.size, 20, 80)
             print(f"Batch{op.title()} {BATCH} x {args.size} B: {per_call / 1e6:.2f}M instructions per call")
             continue
         rounds = asyncio.run(_run(op, args.size, args.calls, args.rounds))

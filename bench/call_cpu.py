@@ -15,7 +15,6 @@ instructions with valgrind (cachegrind) instead, as the difference between runs 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -89,26 +88,12 @@ async def _run(op: str, size: int, calls: int, rounds: int, concurrency: int) ->
         return per_call
 
 
-def _instructions(op: str, size: int, calls: int) -> int:
-    argv = ["bench.call_cpu", op, "--size", str(size), "--calls", str(calls), "--rounds", "1", "--concurrency", "1"]
-    return procs.instructions(argv)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ops", nargs="*", help="set, get or both (the default)")
-    parser.add_argument("--size", type=int, default=100)
-    parser.add_argument("--calls", type=int, default=3200)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--instructions", action="store_true", help="count instructions with valgrind")
-    args = parser.parse_args()
-    ops = args.ops or ["set", "get"]
-    if not set(ops) <= {"set", "get"}:
-        parser.error("operations are set and get")
+    args, ops = procs.set_get_options(__doc__, calls=3200, concurrency=16)
     for op in ops:
         if args.instructions:
-            per_call = (_instructions(op, args.size, 400) - _instructions(op, args.size, 100)) / 300
+            extra = ("--concurrency", "1")
+            per_call = procs.instructions_per_call("bench.call_cpu", op, args.size, 100, 400, *extra)
             print(f"{op.title()} {args.size} B: {per_call / 1e3:.1f}k instructions per call (one at a time)")
             continue
         rounds = asyncio.run(_run(op, args.size, args.calls, args.rounds, args.concurrency))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -196,3 +197,33 @@ def instructions(module_argv: list[str]) -> int:
     if found is None:
         raise RuntimeError(f"no instruction count in valgrind's output:\n{done.stderr[-2000:]}")
     return int(found.group(1).replace(",", ""))
+
+
+def instructions_per_call(module: str, op: str, size: int, few: int, many: int, *extra: str) -> float:
+    """Instructions per call of a per-call benchmark (`python -m MODULE OP --size ... --calls N
+    --rounds 1 EXTRA...`): the difference between runs of `few` and `many` calls, so that
+    start-up and set-up cancel out."""
+
+    def count(calls: int) -> int:
+        return instructions([module, op, "--size", str(size), "--calls", str(calls), "--rounds", "1", *extra])
+
+    return (count(many) - count(few)) / (many - few)
+
+
+def set_get_options(description: str | None, calls: int, **more: int) -> tuple[argparse.Namespace, list[str]]:
+    """The options of a per-call benchmark of Set and Get: the operations (both by default),
+    --size, --calls per round, --rounds, --instructions, and `more` integer options with their
+    defaults. Returns them and the operations chosen."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ops", nargs="*", help="set, get or both (the default)")
+    parser.add_argument("--size", type=int, default=100)
+    parser.add_argument("--calls", type=int, default=calls)
+    parser.add_argument("--rounds", type=int, default=5)
+    for name, default in more.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--instructions", action="store_true", help="count instructions with valgrind")
+    args = parser.parse_args()
+    ops = args.ops or ["set", "get"]
+    if not set(ops) <= {"set", "get"}:
+        parser.error("operations are set and get")
+    return args, ops
