@@ -18,7 +18,6 @@ file systems) or the platform has none, the same writer writes through the page 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from typing import Any
@@ -113,6 +112,8 @@ class DirectWriter:
             view = view[done:]
 
     def _stop_direct(self) -> None:
+        import fcntl  # only where O_DIRECT exists: POSIX; the client imports on Windows too
+
         self.direct = False
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
