@@ -1,4 +1,5 @@
-"""keep_freed_memory: 1 MiB buffers are reused instead of being faulted in afresh each time."""
+"""keep_freed_memory: 1 MiB buffers are reused instead of being faulted in afresh each time,
+and threads share few arenas, so what is kept stays bounded."""
 
 from __future__ import annotations
 
@@ -25,17 +26,55 @@ print(json.dumps({"tuned": tuned, "faults": after - before}))
 """
 
 
-def churn(tuning: str) -> dict[str, object]:
+# Eight threads allocate at once, as a server's I/O threads do, then glibc's own report
+# (malloc_info) says how many arenas hold the process's heap.
+THREADS = """
+import ctypes, json, os, threading
+from blobstore.client.memory import keep_freed_memory
+tuned = keep_freed_memory()
+together = threading.Barrier(8)
+def churn():
+    together.wait()
+    for _ in range(50):
+        pieces = [os.urandom(1 << 20) for _ in range(2)]
+        del pieces
+threads = [threading.Thread(target=churn) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.open_memstream.restype = ctypes.c_void_p
+libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(json.dumps({"tuned": tuned, "arenas": ctypes.string_at(buf, size.value).decode().count("<heap nr=")}))
+"""
+
+
+def run(script: str, tuning: str) -> dict[str, object]:
     env = {**os.environ, "BLOBSTORE_MALLOC_TUNING": tuning}
-    out = subprocess.run([sys.executable, "-c", CHURN], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True)
     result: dict[str, object] = json.loads(out.stdout)
     return result
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_message_buffers_are_reused() -> None:
-    tuned, untuned = churn("1"), churn("0")
+    tuned, untuned = run(CHURN, "1"), run(CHURN, "0")
     assert tuned["tuned"] is True and untuned["tuned"] is False
     # 300 MiB churned: 76,800 pages if every buffer were faulted in afresh.
     assert isinstance(tuned["faults"], int) and isinstance(untuned["faults"], int)
     assert tuned["faults"] < 5_000 and untuned["faults"] > 20_000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_threads_share_at_most_two_arenas() -> None:
+    tuned, untuned = run(THREADS, "1"), run(THREADS, "0")
+    assert tuned["tuned"] is True and untuned["tuned"] is False
+    assert isinstance(tuned["arenas"], int) and isinstance(untuned["arenas"], int)
+    assert tuned["arenas"] <= 2 < untuned["arenas"]
