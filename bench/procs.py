@@ -51,15 +51,10 @@ class Service:
         return self.process.pid
 
     def reset_peak_rss(self) -> bool:
-        """Resets VmHWM (Linux 4.0+); False where the kernel will not."""
-        try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
-        except OSError:
-            return False
-        return True
+        return reset_peak_rss(self.pid)
 
     def peak_rss_mb(self) -> float:
-        return _status_kb(self.pid, "VmHWM") / 1024
+        return peak_rss_mb(self.pid)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -74,6 +69,19 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Resets the process's VmHWM (Linux 4.0+); False where the kernel will not."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mb(pid: int) -> float:
+    return _status_kb(pid, "VmHWM") / 1024
 
 
 def _status_kb(pid: int, name: str) -> int:

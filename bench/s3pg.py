@@ -37,6 +37,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from bench import procs
 from blobstore.client import Storage
 from tests.infra.services import CephRgw, Postgres
 
@@ -200,12 +201,16 @@ def main() -> None:
             }
         )
         cpu_used: dict[str, dict[str, float]] = {key: {} for key in results}
+        peak_rss: dict[str, list[float]] = {"up_blobstore": [], "down_blobstore": []}
 
         def measure(key: str, parallel: int, work: Callable[[int], object]) -> None:
             spy = _start_profiler(options.profile, key, server.pid) if key.endswith("_blobstore") else None
+            watch_rss = key in peak_rss and procs.reset_peak_rss(server.pid)
             before = meter.snapshot()
             results[key].append(total / timed(parallel, work, options.files) / 1e6)
             after = meter.snapshot()
+            if watch_rss:
+                peak_rss[key].append(procs.peak_rss_mb(server.pid))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
@@ -282,6 +287,9 @@ def main() -> None:
                 used = {party: seconds / gib for party, seconds in cpu_used[f"{direction}_{name}"].items()}
                 parts = "  ".join(f"{party} {seconds:.2f}" for party, seconds in used.items())
                 print(f"      CPU s/GiB {name:9} {parts}  = {sum(used.values()):.2f}")
+            peaks = peak_rss[f"{direction}_blobstore"]
+            if peaks:
+                print(f"      peak RSS of the blobstore server (MB, per round) {', '.join(f'{p:.0f}' for p in peaks)}")
     finally:
         for process in (server, local):
             if process is not None and process.poll() is None:
