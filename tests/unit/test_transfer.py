@@ -84,9 +84,9 @@ def test_the_final_upload_message_carries_the_sha256_only_when_asked(sha256: boo
     data = os.urandom(2500)
     source = UploadSource(io.BytesIO(data), sha256=sha256)
     messages: list[pb.UploadRequest] = []
-    while (message := next_upload_request(source, source.generation, 1000, first=not messages)) is not None:
-        messages.append(message)
-        if message.finish_write:
+    while (message := next_upload_request(source, source.generation, 1000, b"")) is not None:
+        messages.append(pb.UploadRequest.FromString(message.wire))
+        if messages[-1].finish_write:
             break
     final = messages[-1]
     assert b"".join(m.data for m in messages) == data
