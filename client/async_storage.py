@@ -284,8 +284,8 @@ class AsyncStorage(_Client):
     async def _download_into(self, state: DownloadState, fobj: Writable) -> ObjectInfo:
         while True:
             try:
-                async for response in self._stub.Download(state.request, metadata=self._metadata):
-                    if data := state.accept(response):
+                async for piece in self._download(state.request, metadata=self._metadata):
+                    if data := state.accept(piece):
                         await asyncio.to_thread(fobj.write, data)
                 return state.finish()
             except grpc.RpcError as exc:

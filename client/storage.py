@@ -25,7 +25,14 @@ from blobstore.client import errors
 from blobstore.client.directio import DirectWriter
 from blobstore.client.memory import keep_freed_memory
 from blobstore.client.transfer import DEFAULT_WINDOW, UploadSource, remaining_size
-from blobstore.client.wire import UploadMessage, encode_upload_data, first_message_head, upload_call
+from blobstore.client.wire import (
+    DownloadPiece,
+    UploadMessage,
+    download_call,
+    encode_upload_data,
+    first_message_head,
+    upload_call,
+)
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
@@ -348,14 +355,15 @@ class DownloadState:
         self._crc = 0
         self._sha = hashlib.sha256() if sha256 else None
 
-    def accept(self, response: pb.DownloadResponse) -> bytes:
+    def accept(self, piece: DownloadPiece) -> bytes:
         """Checks one message and returns its data; the next request resumes after it."""
-        if response.HasField("object") and self.info is None:
-            self.info = ObjectInfo.from_pb(response.object)
+        rest = piece.rest
+        if rest is not None and self.info is None and rest.HasField("object"):
+            self.info = ObjectInfo.from_pb(rest.object)
             # A resumed download reads the same generation or fails: never two versions spliced.
             self.request.generation = self.info.generation
-        data: bytes = response.data
-        if google_crc32c.value(data) != response.crc32c:
+        data = piece.data
+        if google_crc32c.value(data) != piece.crc32c:
             raise errors.DataLossError(f"a piece of {self.key!r} failed its CRC32C check in transit")
         if data:
             self._crc = google_crc32c.extend(self._crc, data)
@@ -430,8 +438,9 @@ class _Client:
         else:
             self._channel = channels.insecure_channel(self.address, options=channel_options())
         self._stub = pb_grpc.StorageStub(self._channel)
-        # Upload takes its messages encoded by hand (blobstore.client.wire).
+        # Upload takes its messages encoded by hand, Download's are decoded by hand (blobstore.client.wire).
         self._upload = upload_call(self._channel)
+        self._download = download_call(self._channel)
         self._metadata = auth_metadata(self.token)
         self._max_unary: int | None = None
         self._limits: Limits | None = None
@@ -852,8 +861,8 @@ class Storage(_Client):
         with WriteBehind(fobj) as writer:
             while True:
                 try:
-                    for response in self._stub.Download(state.request, metadata=self._metadata, timeout=None):
-                        if data := state.accept(response):
+                    for piece in self._download(state.request, metadata=self._metadata, timeout=None):
+                        if data := state.accept(piece):
                             writer.write(data)
                     writer.drain()
                     return state.finish()

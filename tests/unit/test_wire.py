@@ -1,16 +1,19 @@
-"""Upload messages encoded by hand are the bytes protobuf would write for the same message."""
+"""Upload messages encoded by hand are the bytes protobuf would write for the same message; Download
+messages decoded by hand mean what protobuf reads in them."""
 
 from __future__ import annotations
 
 import io
 
 import google_crc32c
+import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
 from blobstore.client.storage import next_upload_request, upload_spec
 from blobstore.client.transfer import UploadSource
-from blobstore.client.wire import encode_upload_data, first_message_head
+from blobstore.client.wire import decode_download_response, encode_upload_data, first_message_head
 from blobstore.v1 import storage_pb2 as pb
 
 _SPECS = st.builds(
@@ -85,3 +88,55 @@ def test_a_stream_from_the_source_is_what_protobuf_writes(
         if not piece:
             break
     assert len(sent) == len(data) // chunk + (1 if len(data) % chunk else 0) + 1
+
+
+_EXTRA = st.none() | st.builds(
+    pb.DownloadResponse,
+    object=st.builds(
+        pb.Object,
+        key=st.text(max_size=20),
+        size=st.integers(0, 2**40),
+        metadata=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+    ),
+    content_range=st.builds(pb.ContentRange, start=st.integers(0, 2**40), complete_length=st.integers(0, 2**40)),
+)
+
+
+@given(data=st.binary(max_size=300) | _DATA, crc=st.integers(0, 0xFFFFFFFF), extra=_EXTRA)
+def test_a_decoded_download_response_is_what_protobuf_reads(
+    data: bytes, crc: int, extra: pb.DownloadResponse | None
+) -> None:
+    message = pb.DownloadResponse(data=data, crc32c=crc)
+    if extra is not None:
+        message.MergeFrom(extra)
+    piece = decode_download_response(message.SerializeToString())
+    assert type(piece.data) is bytes
+    assert (piece.data, piece.crc32c) == (data, crc)
+    rest = piece.rest or pb.DownloadResponse()
+    assert pb.DownloadResponse(object=rest.object, content_range=rest.content_range) == pb.DownloadResponse(
+        object=message.object, content_range=message.content_range
+    )
+    assert rest.HasField("object") == message.HasField("object")
+
+
+@given(
+    data=st.binary(min_size=1, max_size=50),
+    crc=st.integers(0, 0xFFFFFFFF),
+    later=st.sampled_from(["crc", "zero crc", "data", "empty data", "key"]),
+    value=st.integers(1, 0xFFFFFFFF),
+)
+def test_fields_out_of_the_usual_order_mean_what_protobuf_says(data: bytes, crc: int, later: str, value: int) -> None:
+    """A field written again after data and crc32c replaces them, as in protobuf; a cut message fails as there."""
+    raw = pb.DownloadResponse(data=data, crc32c=crc).SerializeToString()
+    extra = {
+        "crc": pb.DownloadResponse(crc32c=value).SerializeToString(),
+        "zero crc": b"\x15\x00\x00\x00\x00",
+        "data": pb.DownloadResponse(data=value.to_bytes(4, "little")).SerializeToString(),
+        "empty data": b"\x0a\x00",
+        "key": pb.DownloadResponse(object=pb.Object(key=str(value))).SerializeToString(),
+    }[later]
+    expected = pb.DownloadResponse.FromString(raw + extra)
+    piece = decode_download_response(raw + extra)
+    assert (piece.data, piece.crc32c) == (expected.data, expected.crc32c)
+    with pytest.raises(DecodeError):
+        decode_download_response(raw[:-1])
