@@ -44,6 +44,7 @@ from blobstore.client.storage import (
     writing_atomically,
 )
 from blobstore.client.transfer import UploadSource, remaining_size
+from blobstore.client.wire import first_message_head
 from blobstore.v1 import storage_pb2 as pb
 
 T = TypeVar("T")
@@ -169,7 +170,7 @@ class AsyncStorage(_Client):
         for attempt in range(attempts + 1):
             generation = await asyncio.to_thread(restart_stream, source)
             try:
-                response = await self._stub.Upload(
+                response = await self._upload(
                     self._upload_messages(source, generation, progress, spec=spec), metadata=self._metadata
                 )
                 return ObjectInfo.from_pb(response.object)
@@ -192,7 +193,7 @@ class AsyncStorage(_Client):
                     attempt = 0  # progress since the last failure: the retry budget starts over
                 persisted = status.persisted_size
                 generation = await asyncio.to_thread(resume_stream, source, upload_id, persisted)
-                response = await self._stub.Upload(
+                response = await self._upload(
                     self._upload_messages(source, generation, progress, upload_id=upload_id),
                     metadata=self._metadata,
                 )
@@ -214,17 +215,15 @@ class AsyncStorage(_Client):
         *,
         spec: pb.UploadSpec | None = None,
         upload_id: str = "",
-    ) -> AsyncIterator[pb.UploadRequest]:
-        first = True
-        while message := await asyncio.to_thread(
-            next_upload_request, source, generation, self.chunk_size, first=first, spec=spec, upload_id=upload_id
-        ):
-            first = False
-            yield message
-            if message.finish_write:
+    ) -> AsyncIterator[bytes]:
+        head = first_message_head(spec, upload_id)
+        while message := await asyncio.to_thread(next_upload_request, source, generation, self.chunk_size, head):
+            head = b""
+            yield message.wire
+            if not message.data_size:
                 return
             if progress is not None:
-                progress(len(message.data))
+                progress(message.data_size)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         for attempt in range(self.retries + 1):
@@ -285,8 +284,8 @@ class AsyncStorage(_Client):
     async def _download_into(self, state: DownloadState, fobj: Writable) -> ObjectInfo:
         while True:
             try:
-                async for response in self._stub.Download(state.request, metadata=self._metadata):
-                    if data := state.accept(response):
+                async for piece in self._download(state.request, metadata=self._metadata):
+                    if data := state.accept(piece):
                         await asyncio.to_thread(fobj.write, data)
                 return state.finish()
             except grpc.RpcError as exc:

@@ -25,6 +25,14 @@ from blobstore.client import errors
 from blobstore.client.directio import DirectWriter
 from blobstore.client.memory import keep_freed_memory
 from blobstore.client.transfer import DEFAULT_WINDOW, UploadSource, remaining_size
+from blobstore.client.wire import (
+    DownloadPiece,
+    UploadMessage,
+    download_call,
+    encode_upload_data,
+    first_message_head,
+    upload_call,
+)
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
@@ -291,38 +299,24 @@ def signed_url_request(key: str, storage_type: str, method: int, expires_in: int
     )
 
 
-def next_upload_request(
-    source: UploadSource,
-    generation: int,
-    chunk_size: int,
-    *,
-    first: bool,
-    spec: pb.UploadSpec | None = None,
-    upload_id: str = "",
-) -> pb.UploadRequest | None:
-    """The next Upload message from `source` (the final one carries the whole-object checksums).
+def next_upload_request(source: UploadSource, generation: int, chunk_size: int, head: bytes) -> UploadMessage | None:
+    """The next Upload message from `source`, encoded (the final one carries the whole-object checksums).
 
-    None when a retry has taken the source over (its generation moved on). Reads the source,
-    so the asyncio client calls it on a worker thread.
+    `head` is what the stream's first message carries besides (first_message_head), b"" for
+    the others. None when a retry has taken the source over (its generation moved on). Reads
+    the source, so the asyncio client calls it on a worker thread.
     """
     with source.lock:
         if source.generation != generation:
             return None
         offset = source.offset
         data = source.read(chunk_size)
-        message = pb.UploadRequest(write_offset=offset, data=data)
         if not data:  # the end: the whole-object checksums, taken while no retry can move them
-            message.finish_write = True
-            message.object_checksums.crc32c = source.crc
-            message.object_checksums.sha256 = source.sha.digest()
-    if data:
-        message.crc32c = google_crc32c.value(data)
-    if first:
-        if upload_id:
-            message.upload_id = upload_id
-        elif spec is not None:
-            message.spec.CopyFrom(spec)
-    return message
+            final = pb.UploadRequest(write_offset=offset, finish_write=True)
+            final.object_checksums.crc32c = source.crc
+            final.object_checksums.sha256 = source.sha.digest()
+            return UploadMessage(head + final.SerializeToString(), 0)
+    return UploadMessage(encode_upload_data(head, offset, data, google_crc32c.value(data)), len(data))
 
 
 def restart_stream(source: UploadSource) -> int:
@@ -361,14 +355,15 @@ class DownloadState:
         self._crc = 0
         self._sha = hashlib.sha256() if sha256 else None
 
-    def accept(self, response: pb.DownloadResponse) -> bytes:
+    def accept(self, piece: DownloadPiece) -> bytes:
         """Checks one message and returns its data; the next request resumes after it."""
-        if response.HasField("object") and self.info is None:
-            self.info = ObjectInfo.from_pb(response.object)
+        rest = piece.rest
+        if rest is not None and self.info is None and rest.HasField("object"):
+            self.info = ObjectInfo.from_pb(rest.object)
             # A resumed download reads the same generation or fails: never two versions spliced.
             self.request.generation = self.info.generation
-        data: bytes = response.data
-        if google_crc32c.value(data) != response.crc32c:
+        data = piece.data
+        if google_crc32c.value(data) != piece.crc32c:
             raise errors.DataLossError(f"a piece of {self.key!r} failed its CRC32C check in transit")
         if data:
             self._crc = google_crc32c.extend(self._crc, data)
@@ -443,6 +438,9 @@ class _Client:
         else:
             self._channel = channels.insecure_channel(self.address, options=channel_options())
         self._stub = pb_grpc.StorageStub(self._channel)
+        # Upload takes its messages encoded by hand, Download's are decoded by hand (blobstore.client.wire).
+        self._upload = upload_call(self._channel)
+        self._download = download_call(self._channel)
         self._metadata = auth_metadata(self.token)
         self._max_unary: int | None = None
         self._limits: Limits | None = None
@@ -727,7 +725,7 @@ class Storage(_Client):
         for attempt in range(attempts + 1):
             generation = restart_stream(source)
             try:
-                response = self._stub.Upload(
+                response = self._upload(
                     self._upload_messages(source, generation, progress, spec=spec),
                     metadata=self._metadata,
                     timeout=None,
@@ -752,7 +750,7 @@ class Storage(_Client):
                     attempt = 0  # progress since the last failure: the retry budget starts over
                 persisted = status.persisted_size
                 generation = resume_stream(source, upload_id, persisted)
-                response = self._stub.Upload(
+                response = self._upload(
                     self._upload_messages(source, generation, progress, upload_id=upload_id),
                     metadata=self._metadata,
                     timeout=None,
@@ -775,17 +773,15 @@ class Storage(_Client):
         *,
         spec: pb.UploadSpec | None = None,
         upload_id: str = "",
-    ) -> Iterator[pb.UploadRequest]:
-        first = True
-        while message := next_upload_request(
-            source, generation, self.chunk_size, first=first, spec=spec, upload_id=upload_id
-        ):
-            first = False
-            yield message
-            if message.finish_write:
+    ) -> Iterator[bytes]:
+        head = first_message_head(spec, upload_id)
+        while message := next_upload_request(source, generation, self.chunk_size, head):
+            head = b""
+            yield message.wire
+            if not message.data_size:
                 return
             if progress is not None:
-                progress(len(message.data))
+                progress(message.data_size)
 
     def _retrying(self, call: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):
@@ -865,8 +861,8 @@ class Storage(_Client):
         with WriteBehind(fobj) as writer:
             while True:
                 try:
-                    for response in self._stub.Download(state.request, metadata=self._metadata, timeout=None):
-                        if data := state.accept(response):
+                    for piece in self._download(state.request, metadata=self._metadata, timeout=None):
+                        if data := state.accept(piece):
                             writer.write(data)
                     writer.drain()
                     return state.finish()

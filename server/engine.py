@@ -1152,7 +1152,9 @@ class UploadWriter:
     """Receives one object's bytes in order, chunks and stores them, then commits.
 
     Chunks are hashed and written on worker threads while the caller receives
-    the next message; the whole-object SHA-256 is fed in order on the side.
+    the next message. Each chunk is one job: its digest, its write, then its turn
+    at the whole-object SHA-256, which the jobs take strictly in object order
+    (each waits for its predecessor's _HashTurn).
     Nothing is visible until finish() commits; abort() (or a failure) frees
     whatever was stored.
     """
@@ -1166,9 +1168,9 @@ class UploadWriter:
         self._sha = hashlib.sha256()
         self._buffer = bytearray()
         self._refs: list[rec.ChunkRef] = []
-        # Chunks in flight: (store job, the whole-object hash step that follows this chunk).
-        self._pending: list[tuple[asyncio.Future[rec.ChunkRef], asyncio.Future[None]]] = []
-        self._hash_tail: asyncio.Future[None] | None = None
+        # Chunk jobs in flight, in object order; each ends after its turn at the whole-object hash.
+        self._pending: list[asyncio.Future[rec.ChunkRef]] = []
+        self._last_turn: _HashTurn | None = None
         self._pinned: list[bytes] = []
         # Guards _pinned against chunk jobs still running on worker threads after an abort.
         self._pin_guard = threading.Lock()
@@ -1224,18 +1226,34 @@ class UploadWriter:
     async def _store(self, chunk: bytes, crc: int | None = None) -> None:
         """Stores one chunk in the background; `crc` is its CRC32C when already known."""
         await self.engine.run_read(self.engine._check_room, self.caller.namespace, self.spec, self.size)
-        loop = asyncio.get_running_loop()
-        previous = self._hash_tail
-        self._hash_tail = asyncio.ensure_future(self._feed_sha(previous, chunk))
-        stored = loop.run_in_executor(self.engine.executor, self._store_chunk, chunk, crc)
-        self._pending.append((stored, self._hash_tail))
+        previous, turn = self._last_turn, _HashTurn()
+        self._last_turn = turn
+        # One executor round trip per chunk: the job also takes the chunk's turn at the whole-object hash.
+        job = asyncio.get_running_loop().run_in_executor(
+            self.engine.executor, self._store_and_hash, chunk, crc, previous, turn
+        )
+        self._pending.append(job)
         if len(self._pending) >= self.engine.config.upload_pipeline_depth:
             await self._drain(keep=self.engine.config.upload_pipeline_depth - 1)
 
-    async def _feed_sha(self, previous: asyncio.Future[None] | None, chunk: bytes) -> None:
-        if previous is not None:
-            await previous
-        await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._hash_chunk, chunk)
+    def _store_and_hash(
+        self, chunk: bytes, crc: int | None, previous: _HashTurn | None, turn: _HashTurn
+    ) -> rec.ChunkRef:
+        """A chunk's job on a worker thread: store it, then feed it to the whole-object hash once
+        every chunk before it has been. A job that fails fails every job after it (their bytes
+        can no longer be hashed in order); it never leaves them waiting."""
+        hashed = False
+        try:
+            ref = self._store_chunk(chunk, crc)
+            # The executor starts jobs in the order they were submitted, so the predecessor is
+            # running or done: this waits for it, never for a job that waits on this one.
+            if previous is not None and not previous.wait():
+                raise errors.Aborted("an earlier chunk of this upload failed")
+            self._hash_chunk(chunk)
+            hashed = True
+            return ref
+        finally:
+            turn.end(hashed)
 
     def _hash_chunk(self, chunk: bytes) -> None:
         """Runs on a worker thread, once per stored chunk, strictly in object order."""
@@ -1247,17 +1265,13 @@ class UploadWriter:
             chunk, self._buffer = bytes(self._buffer), bytearray()
             await self._store(chunk)
         await self._drain()
-        if self._hash_tail is not None:
-            await self._hash_tail
 
     async def _drain(self, keep: int = 0) -> None:
-        # Waiting for the hash step too keeps memory bounded: no chunk outlives the window.
+        # A job ends after its hash turn, so waiting for it keeps memory bounded: no chunk outlives the window.
         while len(self._pending) > keep:
-            stored, hashed = self._pending[0]
             # Shielded and popped only once done: a cancelled stream (a client that went away) must not
             # cancel chunk jobs in flight, so that abort() still sees how each of them ended.
-            ref = await asyncio.shield(stored)
-            await asyncio.shield(hashed)
+            ref = await asyncio.shield(self._pending[0])
             self._pending.pop(0)
             self._refs.append(ref)
 
@@ -1327,16 +1341,10 @@ class UploadWriter:
         """Frees what this upload stored; harmless after finish or a previous abort."""
         self._done = True
         pending, self._pending = self._pending, []
-        for future in [job for pair in pending for job in pair]:
+        for job in pending:
             try:
-                await future
+                await job
             except BaseException:  # the upload is being thrown away: its errors no longer matter
-                pass
-        if self._hash_tail is not None:
-            tail, self._hash_tail = self._hash_tail, None
-            try:
-                await tail
-            except BaseException:
                 pass
         if self._commit_future is None or self._commit_future.done():
             self._release_pins()
@@ -1356,6 +1364,25 @@ class UploadWriter:
             pinned, self._pinned = self._pinned, []
             if pinned:
                 self.engine._unpin_and_collect(pinned)
+
+
+class _HashTurn:
+    """The end of one chunk job's turn at its upload's whole-object hash, and whether it fed it."""
+
+    __slots__ = ("_ended", "_hashed")
+
+    def __init__(self) -> None:
+        self._ended = threading.Event()
+        self._hashed = False
+
+    def end(self, hashed: bool) -> None:
+        self._hashed = hashed
+        self._ended.set()
+
+    def wait(self) -> bool:
+        """Waits for the turn to end; True when the chunk was hashed."""
+        self._ended.wait()
+        return self._hashed
 
 
 class Download:

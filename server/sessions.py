@@ -410,21 +410,14 @@ class ResumableUpload(UploadWriter):
             log.info("upload session %s: a checkpoint failed", self.upload_id, exc_info=True)
         pending, self._pending = self._pending, []
         failed = False
-        for stored, hashed in pending:
+        for job in pending:
             try:
-                ref = await stored
-                await hashed
-            except BaseException:  # a chunk that did not store ends the durable prefix
+                ref = await job
+            except BaseException:  # a chunk that did not store (or hash) ends the durable prefix
                 failed = True
                 continue
             if not failed:
                 self._refs.append(ref)
-        if self._hash_tail is not None:
-            tail, self._hash_tail = self._hash_tail, None
-            try:
-                await tail
-            except BaseException:
-                failed = True
         keep_hasher = False
         if not checkpoint_failed:
             try:

@@ -59,7 +59,9 @@ def test_set_get_str_bytes_and_file_objects(storage: Storage, tmp_path: Path) ->
     assert storage.get("test") == b"Hello Storage"
     storage.set("bytes", b"\x00\xff" * 10)
     assert storage.get("bytes") == b"\x00\xff" * 10
-    storage.set("fileobj", io.BytesIO(b"from a file object"))
+    sent: list[int] = []
+    storage.set_file("fileobj", io.BytesIO(b"from a file object"), progress=sent.append)
+    assert sent == [18]
     assert storage.get("fileobj") == b"from a file object"
     text = tmp_path / "text.txt"
     text.write_text("héllo text mode\n", encoding="utf-8")
@@ -148,8 +150,10 @@ def test_products_accept_uploads_but_reads_belong_to_the_catalog(storage: Storag
 def test_200_mib_round_trip_through_files(storage: Storage, tmp_path: Path) -> None:
     source = tmp_path / "source.bin"
     digest = write_random_file(source, 200 * MiB)
-    info = storage.set_file("big/file.bin", str(source))
+    sent: list[int] = []
+    info = storage.set_file("big/file.bin", str(source), progress=sent.append)
     assert info.size == 200 * MiB and info.sha256 == digest
+    assert sum(sent) == 200 * MiB and max(sent) == storage.chunk_size
     target = tmp_path / "target.bin"
     got = storage.get_file("big/file.bin", target)
     assert got.generation == info.generation

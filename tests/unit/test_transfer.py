@@ -13,6 +13,7 @@ import pytest
 from blobstore.client.errors import DataLossError
 from blobstore.client.storage import DownloadState, WriteBehind, next_upload_request
 from blobstore.client.transfer import UploadSource, remaining_size
+from blobstore.client.wire import decode_download_response
 from blobstore.v1 import storage_pb2 as pb
 
 
@@ -84,9 +85,9 @@ def test_the_final_upload_message_carries_the_sha256_only_when_asked(sha256: boo
     data = os.urandom(2500)
     source = UploadSource(io.BytesIO(data), sha256=sha256)
     messages: list[pb.UploadRequest] = []
-    while (message := next_upload_request(source, source.generation, 1000, first=not messages)) is not None:
-        messages.append(message)
-        if message.finish_write:
+    while (message := next_upload_request(source, source.generation, 1000, b"")) is not None:
+        messages.append(pb.UploadRequest.FromString(message.wire))
+        if messages[-1].finish_write:
             break
     final = messages[-1]
     assert b"".join(m.data for m in messages) == data
@@ -106,8 +107,9 @@ def _download(data: bytes, *, sha256_recorded: bytes, sha256: bool, crc_flip: in
     first.object.generation = 1
     first.object.checksums.crc32c = google_crc32c.value(data) ^ crc_flip
     first.object.checksums.sha256 = sha256_recorded
-    state.accept(first)
-    state.accept(pb.DownloadResponse(data=data[1000:], crc32c=google_crc32c.value(data[1000:])))
+    state.accept(decode_download_response(first.SerializeToString()))
+    rest = pb.DownloadResponse(data=data[1000:], crc32c=google_crc32c.value(data[1000:]))
+    state.accept(decode_download_response(rest.SerializeToString()))
     return state
 
 
@@ -122,7 +124,9 @@ def test_downloads_check_the_crc32c_always_and_the_sha256_when_asked() -> None:
     with pytest.raises(DataLossError, match="CRC32C"):
         _download(data, sha256_recorded=good, sha256=False, crc_flip=1).finish()
     with pytest.raises(DataLossError, match="in transit"):
-        DownloadState("k", "data", retries=0).accept(pb.DownloadResponse(data=b"abc", crc32c=1))
+        DownloadState("k", "data", retries=0).accept(
+            decode_download_response(pb.DownloadResponse(data=b"abc", crc32c=1).SerializeToString())
+        )
 
 
 class _GatedFile(io.BytesIO):
