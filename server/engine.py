@@ -1229,10 +1229,11 @@ class UploadWriter:
         previous, turn = self._last_turn, _HashTurn()
         self._last_turn = turn
         # One executor round trip per chunk: the job also takes the chunk's turn at the whole-object hash.
-        job = asyncio.get_running_loop().run_in_executor(
-            self.engine.executor, self._store_and_hash, chunk, crc, previous, turn
-        )
-        self._pending.append(job)
+        job = self.engine.executor.submit(self._store_and_hash, chunk, crc, previous, turn)
+        # A job cancelled before it started (its waiter was cancelled, say an abort interrupted)
+        # never runs: its turn must still end, or the next job would hold its thread forever.
+        job.add_done_callback(lambda done: turn.end(False) if done.cancelled() else None)
+        self._pending.append(asyncio.wrap_future(job))
         if len(self._pending) >= self.engine.config.upload_pipeline_depth:
             await self._drain(keep=self.engine.config.upload_pipeline_depth - 1)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,27 @@ def test_checksum_mismatch_commits_nothing(engine: Engine, run: Run) -> None:
         run(writer.finish(sha256_expected=b"\0" * 32))
     assert not engine.exists(ANONYMOUS, DATA, "k") and not engine.exists(ANONYMOUS, DATA, "big")
     assert chunk_files(engine) == set()
+
+
+def test_a_chunk_job_cancelled_before_it_ran_does_not_hold_up_the_next(tmp_path: Path, run: Run) -> None:
+    """Each chunk job waits for its predecessor's turn at the whole-object hash; one that never
+    ran (its waiter cancelled while it queued) must still end its turn."""
+    engine = open_engine(str(tmp_path / "data"), EngineConfig(io_threads=1))
+    release = threading.Event()
+    try:
+        engine.executor.submit(release.wait)  # the only worker thread is busy
+        writer = engine.new_upload(ANONYMOUS, UploadSpec("big"))
+        run(writer.write(0, os.urandom(2 * MiB)))  # two chunk jobs queue behind it
+        assert len(writer._pending) == 2
+        writer._pending[0].cancel()  # as when an abort() waiting on it is interrupted
+        run(asyncio.sleep(0))  # the cancellation reaches the queued job
+        release.set()
+        run(asyncio.wait_for(writer.abort(), 30))
+        assert engine.executor.submit(lambda: "free").result(timeout=30) == "free"
+        assert not engine.exists(ANONYMOUS, DATA, "big") and chunk_files(engine) == set()
+    finally:
+        release.set()
+        engine.close()
 
 
 def test_write_offset_and_declared_size_are_enforced(engine: Engine, run: Run) -> None:
