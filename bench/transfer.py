@@ -20,10 +20,12 @@ import google_crc32c
 import grpc
 
 from blobstore.client import Storage
+from blobstore.client.storage import CHUNK_SIZE
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
-CHUNK = 1 << 20
+# The bare upload stream is the one our client sends: messages of its default size.
+CHUNK = CHUNK_SIZE
 OPTIONS = [
     ("grpc.max_receive_message_length", (4 << 20) + (64 << 10)),
     ("grpc.max_send_message_length", (4 << 20) + (64 << 10)),

@@ -18,7 +18,7 @@ import grpc
 
 from blobstore.client import errors
 from blobstore.client.storage import (
-    CHUNK_SIZE,
+    DEFAULT_MAX_UNARY,
     OBJECT_TOO_LARGE_FOR_UNARY,
     DownloadState,
     Limits,
@@ -114,9 +114,9 @@ class AsyncStorage(_Client):
     async def _unary_limit(self) -> int:
         if self._max_unary is None:
             try:
-                self._max_unary = (await self.limits()).max_unary_value_bytes or CHUNK_SIZE
+                self._max_unary = (await self.limits()).max_unary_value_bytes or DEFAULT_MAX_UNARY
             except errors.StorageError:
-                self._max_unary = CHUNK_SIZE
+                self._max_unary = DEFAULT_MAX_UNARY
         return self._max_unary
 
     async def limits(self) -> Limits:

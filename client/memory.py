@@ -1,4 +1,4 @@
-"""Keeps glibc from handing 1 MiB message buffers back to the kernel after every message.
+"""Keeps glibc from handing message buffers (1-4 MiB) back to the kernel after every message.
 
 Every large transfer allocates and frees one message buffer per MiB (a gRPC slice, then a
 Python bytes object). With glibc's default, dynamic thresholds the freed top of the heap is

@@ -37,7 +37,10 @@ from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-CHUNK_SIZE = 1 << 20
+# Upload message size: the server's default chunk size, so that each message is one whole chunk.
+CHUNK_SIZE = 4 << 20
+# The unary limit to assume of a server that does not say.
+DEFAULT_MAX_UNARY = 1 << 20
 MAX_MESSAGE_BYTES = (4 << 20) + (64 << 10)
 OBJECT_TOO_LARGE_FOR_UNARY = "OBJECT_TOO_LARGE_FOR_UNARY"
 BATCH_RESPONSE_FULL = "BATCH_RESPONSE_FULL"
@@ -653,7 +656,7 @@ class Storage(_Client):
     def _unary_limit(self) -> int:
         if self._max_unary is None:
             limits = self._server_limits()
-            self._max_unary = (limits.max_unary_value_bytes if limits else 0) or CHUNK_SIZE
+            self._max_unary = (limits.max_unary_value_bytes if limits else 0) or DEFAULT_MAX_UNARY
         return self._max_unary
 
     def _server_limits(self) -> Limits | None:

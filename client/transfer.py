@@ -14,8 +14,8 @@ The rule for what can resume:
 * A non-seekable stream (a pipe, a socket, a generator-backed reader) keeps
   only its last `window` bytes in memory. It resumes only if the server's
   persisted size is inside that window; otherwise the upload fails with the
-  original error. The server persists every 16 chunks by default, so a window
-  of 32 MiB covers its lag with the default 1 MiB chunks.
+  original error. The server persists every 16 MiB by default (4 chunks of
+  4 MiB), so a window of 32 MiB covers its lag.
 """
 
 from __future__ import annotations

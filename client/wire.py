@@ -2,7 +2,7 @@
 
 Building an UploadRequest and serializing it copies every byte of its data three times
 (into the message, into the encoder's buffer, into the result), and every read of
-`message.data` copies it once more. The client sends a GiB as 1 MiB messages, so those
+`message.data` copies it once more. The client sends a GiB as 256 to 1,024 messages, so those
 copies were a good part of its CPU. Here the one join copies the data once, straight from
 what the file read returned; the server parses the same bytes SerializeToString would give
 (tests/unit/test_wire.py checks that they are equal). On the way back, parsing a 1 MiB

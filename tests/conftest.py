@@ -21,6 +21,9 @@ from blobstore.server.engine import Engine, EngineConfig, open_engine
 from tests.infra import services
 
 BACKENDS = ("file-lmdb", "s3pg")
+# Tests size their objects in MiB around 1 MiB chunks; the product default (4 MiB) is a tuning
+# for speed (docs/benchmarks.md, item 23), and small chunks keep multi-chunk cases small.
+TEST_CHUNK_SIZE = 1 << 20
 SHARED_SIGNING_SECRET = b"replicas-of-one-test-store-share-this-secret"
 
 T = TypeVar("T")
@@ -174,7 +177,7 @@ def run() -> Iterator[Callable[[Coroutine[Any, Any, T]], T]]:
 
 @pytest.fixture
 def engine(tmp_path: Path, backends: BackendConfig) -> Iterator[Engine]:
-    engine = open_engine(str(tmp_path / "data"), EngineConfig(), backends=backends)
+    engine = open_engine(str(tmp_path / "data"), EngineConfig(chunk_size=TEST_CHUNK_SIZE), backends=backends)
     yield engine
     engine.close()
 
@@ -226,6 +229,7 @@ def start_server(
             overrides.setdefault(name, value)
         overrides.setdefault("url_signing_secrets", (SHARED_SIGNING_SECRET,))
     overrides.setdefault("port", 0)
+    overrides.setdefault("engine", EngineConfig(chunk_size=TEST_CHUNK_SIZE))
     config = ServerConfig(data_dir=str(data_dir), **overrides)
 
     async def build() -> BlobstoreServer:

@@ -17,6 +17,7 @@ from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, schema
 from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.model import ANONYMOUS, Caller, StorageType, UploadSpec
+from tests.conftest import TEST_CHUNK_SIZE
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 DATA = StorageType.DATA
@@ -165,7 +166,7 @@ def test_checksum_mismatch_commits_nothing(engine: Engine, run: Run) -> None:
 def test_a_chunk_job_cancelled_before_it_ran_does_not_hold_up_the_next(tmp_path: Path, run: Run) -> None:
     """Each chunk job waits for its predecessor's turn at the whole-object hash; one that never
     ran (its waiter cancelled while it queued) must still end its turn."""
-    engine = open_engine(str(tmp_path / "data"), EngineConfig(io_threads=1))
+    engine = open_engine(str(tmp_path / "data"), EngineConfig(chunk_size=TEST_CHUNK_SIZE, io_threads=1))
     release = threading.Event()
     try:
         engine.executor.submit(release.wait)  # the only worker thread is busy

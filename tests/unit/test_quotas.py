@@ -15,7 +15,7 @@ from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, quotas, schema
 from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.model import Caller, StorageType, UploadSpec
-from tests.conftest import FakeClock
+from tests.conftest import TEST_CHUNK_SIZE, FakeClock
 
 MiB = 1 << 20
 ALICE = Caller("alice")
@@ -28,7 +28,7 @@ def make_engine(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
     def make(clock: Callable[[], int] | None = None, **limits: Any) -> Engine:
-        config = EngineConfig(quotas=quotas.QuotaConfig(**limits))
+        config = EngineConfig(chunk_size=TEST_CHUNK_SIZE, quotas=quotas.QuotaConfig(**limits))
         kwargs = {"clock": clock} if clock is not None else {}
         engine = open_engine(str(tmp_path / f"data{len(engines)}"), config, **kwargs)
         engines.append(engine)

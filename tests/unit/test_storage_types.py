@@ -11,7 +11,7 @@ import pytest
 from blobstore.server import errors, schema
 from blobstore.server.engine import Engine, EngineConfig, open_engine
 from blobstore.server.model import BatchEntry, Caller, Role, StorageType, UploadSpec
-from tests.conftest import FakeClock
+from tests.conftest import TEST_CHUNK_SIZE, FakeClock
 
 DAY = 86_400
 MiB = 1 << 20
@@ -24,7 +24,7 @@ PRODUCTS = StorageType.PRODUCTS
 
 @pytest.fixture
 def timed(tmp_path: Path, clock: FakeClock) -> Iterator[Engine]:
-    engine = open_engine(str(tmp_path / "data"), EngineConfig(), clock=clock)
+    engine = open_engine(str(tmp_path / "data"), EngineConfig(chunk_size=TEST_CHUNK_SIZE), clock=clock)
     yield engine
     engine.close()
 
