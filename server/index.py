@@ -155,17 +155,18 @@ def run_groups(
     *,
     stats: GroupStats | None = None,
     gather_s: float = 0.0,
+    overlapped: Callable[[], bool] = lambda: False,
 ) -> None:
     """A writer thread's loop: takes whatever lists of jobs have queued up (up to about
     `max_group` jobs) and hands them to `run_group` together, until STOP.
 
-    When jobs queued up while the last group was committing, writes are arriving faster than
-    they commit: the next group then waits up to `gather_s` for more before it commits, so
-    that more of them share one commit and its fsyncs. A write that nothing else overlaps (one
-    client, or a quiet server) never waits: nothing arrived while the one before it committed.
+    `overlapped()` tells, after `run_group`, whether jobs were queued by the time its commit
+    was durable, before any of its results were handed back. Then writes are arriving faster
+    than they commit, and the next group waits up to `gather_s` for more before it commits, so
+    that more of them share one commit and its fsyncs. A write that nothing overlaps never
+    waits: one client's next write can only come after the result of its last.
     """
     stats = stats if stats is not None else GroupStats()
-    overlapped = False  # jobs arrived while the last group was committing
     while True:
         item = jobs.get()
         if item is STOP:
@@ -177,7 +178,7 @@ def run_groups(
             try:
                 more = jobs.get_nowait()
             except queue.Empty:
-                if not overlapped or gather_s <= 0:
+                if gather_s <= 0 or not overlapped():
                     break
                 if deadline is None:
                     stats.gathers += 1
@@ -195,7 +196,6 @@ def run_groups(
             group.extend(more)
         run_group(group)
         stats.record(len(group))
-        overlapped = not jobs.empty()
         if stop_after:
             return
 
@@ -246,6 +246,7 @@ class LmdbIndex:
         self._readonly = readonly
         self._closed = False
         self._gather_s = gather_s
+        self._overlapped = False  # jobs were queued when the last commit became durable
         self.group_stats = GroupStats()
         self._writer = threading.Thread(target=self._run_writer, name="blobstore-index-writer", daemon=True)
         if not readonly:
@@ -303,7 +304,14 @@ class LmdbIndex:
         return {"map_size": info["map_size"], "used_bytes": (info["last_pgno"] + 1) * self._env.stat()["psize"]}
 
     def _run_writer(self) -> None:
-        run_groups(self._queue, self.MAX_GROUP, self._run_group, stats=self.group_stats, gather_s=self._gather_s)
+        run_groups(
+            self._queue,
+            self.MAX_GROUP,
+            self._run_group,
+            stats=self.group_stats,
+            gather_s=self._gather_s,
+            overlapped=lambda: self._overlapped,
+        )
 
     def _run_group(self, jobs: list[_Job]) -> None:
         if len(jobs) == 1:
@@ -318,10 +326,12 @@ class LmdbIndex:
                 self.group_stats.regroups += 1
                 outcomes = self._run_nested(jobs)
         except BaseException as commit_failure:  # the commit itself failed: nothing took effect
+            self._overlapped = not self._queue.empty()
             translated = _translate(commit_failure)
             for _, future in jobs:
                 future.set_exception(translated)
             return
+        self._overlapped = not self._queue.empty()  # before any caller hears back
         for (_, future), (result, failure) in zip(jobs, outcomes, strict=True):
             if failure is None:
                 future.set_result(result)
@@ -370,8 +380,10 @@ class LmdbIndex:
             with self._env.begin(write=True) as txn:
                 result = op(_LmdbTxn(txn, self._dbs))
         except BaseException as failure:  # reported to the job's caller; nothing took effect
+            self._overlapped = not self._queue.empty()
             future.set_exception(_translate(failure))
             return
+        self._overlapped = not self._queue.empty()  # before the caller hears back
         future.set_result(result)
 
 
