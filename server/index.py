@@ -155,18 +155,21 @@ def run_groups(
     *,
     stats: GroupStats | None = None,
     gather_s: float = 0.0,
-    overlapped: Callable[[], bool] = lambda: False,
+    queued_at_commit: Callable[[], int] = lambda: 0,
 ) -> None:
     """A writer thread's loop: takes whatever lists of jobs have queued up (up to about
     `max_group` jobs) and hands them to `run_group` together, until STOP.
 
-    `overlapped()` tells, after `run_group`, whether jobs were queued by the time its commit
-    was durable, before any of its results were handed back. Then writes are arriving faster
-    than they commit, and the next group waits up to `gather_s` for more before it commits, so
-    that more of them share one commit and its fsyncs. A write that nothing overlaps never
-    waits: one client's next write can only come after the result of its last.
+    `queued_at_commit()` tells, after `run_group`, how many submissions were queued by the
+    time its commit was durable, before any of its results were handed back. If some were,
+    writes are arriving faster than they commit, and the next group waits up to `gather_s`
+    for more before it commits, so that more of them share one commit and its fsyncs: until
+    it holds as many jobs as the last group and those queued (the callers of the last group
+    are likely to write again), or the time is up. A write that nothing overlaps never waits:
+    one client's next write can only come after the result of its last.
     """
     stats = stats if stats is not None else GroupStats()
+    expected = 0  # jobs the next group waits for, if writes overlapped
     while True:
         item = jobs.get()
         if item is STOP:
@@ -178,7 +181,7 @@ def run_groups(
             try:
                 more = jobs.get_nowait()
             except queue.Empty:
-                if gather_s <= 0 or not overlapped():
+                if len(group) >= expected:
                     break
                 if deadline is None:
                     stats.gathers += 1
@@ -194,10 +197,12 @@ def run_groups(
                 stop_after = True
                 break
             group.extend(more)
+        stats.record(len(group))  # first: once a caller hears back, its group is counted
         run_group(group)
-        stats.record(len(group))
         if stop_after:
             return
+        queued = queued_at_commit()
+        expected = len(group) + queued if queued and gather_s > 0 else 0
 
 
 class LmdbIndex:
@@ -246,7 +251,7 @@ class LmdbIndex:
         self._readonly = readonly
         self._closed = False
         self._gather_s = gather_s
-        self._overlapped = False  # jobs were queued when the last commit became durable
+        self._queued_at_commit = 0  # submissions queued when the last commit became durable
         self.group_stats = GroupStats()
         self._writer = threading.Thread(target=self._run_writer, name="blobstore-index-writer", daemon=True)
         if not readonly:
@@ -310,7 +315,7 @@ class LmdbIndex:
             self._run_group,
             stats=self.group_stats,
             gather_s=self._gather_s,
-            overlapped=lambda: self._overlapped,
+            queued_at_commit=lambda: self._queued_at_commit,
         )
 
     def _run_group(self, jobs: list[_Job]) -> None:
@@ -326,12 +331,12 @@ class LmdbIndex:
                 self.group_stats.regroups += 1
                 outcomes = self._run_nested(jobs)
         except BaseException as commit_failure:  # the commit itself failed: nothing took effect
-            self._overlapped = not self._queue.empty()
+            self._queued_at_commit = self._queue.qsize()
             translated = _translate(commit_failure)
             for _, future in jobs:
                 future.set_exception(translated)
             return
-        self._overlapped = not self._queue.empty()  # before any caller hears back
+        self._queued_at_commit = self._queue.qsize()  # before any caller hears back
         for (_, future), (result, failure) in zip(jobs, outcomes, strict=True):
             if failure is None:
                 future.set_result(result)
@@ -380,10 +385,10 @@ class LmdbIndex:
             with self._env.begin(write=True) as txn:
                 result = op(_LmdbTxn(txn, self._dbs))
         except BaseException as failure:  # reported to the job's caller; nothing took effect
-            self._overlapped = not self._queue.empty()
+            self._queued_at_commit = self._queue.qsize()
             future.set_exception(_translate(failure))
             return
-        self._overlapped = not self._queue.empty()  # before the caller hears back
+        self._queued_at_commit = self._queue.qsize()  # before the caller hears back
         future.set_result(result)
 
 

@@ -127,7 +127,7 @@ class CommitCollector:
         stats = self.stats
         counts = [0] * len(stats.counts) if empty else list(stats.counts)
         buckets, total = [], 0
-        for bound, count in zip((*map(str, GroupStats.BOUNDS), "+Inf"), counts, strict=True):
+        for bound, count in zip((*map(floatToGoString, GroupStats.BOUNDS), "+Inf"), counts, strict=True):
             total += count
             buckets.append((bound, total))
         return [
