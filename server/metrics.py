@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from blobstore.server.engine import Engine
 from blobstore.server.handlers import handler_kind, rebuild
+from blobstore.server.index import GroupStats
 from blobstore.server.logs import new_request_id, request_id
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -61,6 +62,7 @@ class Metrics:
             "blobstore_http_sent_bytes", "Bytes of HTTP response bodies sent.", ("method",), registry=r
         )
         r.register(StoreCollector(engine, self.rpcs))
+        r.register(CommitCollector(engine.index.group_stats))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -107,6 +109,45 @@ class StoreCollector:
                 labels=("kind",),
             ),
         }
+
+
+class CommitCollector:
+    """The index writer's group commits, read at scrape time from numbers it keeps per group."""
+
+    def __init__(self, stats: GroupStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(empty=True)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(empty=False)
+
+    def _families(self, *, empty: bool) -> list[Metric]:
+        stats = self.stats
+        counts = [0] * len(stats.counts) if empty else list(stats.counts)
+        buckets, total = [], 0
+        for bound, count in zip((*map(floatToGoString, GroupStats.BOUNDS), "+Inf"), counts, strict=True):
+            total += count
+            buckets.append((bound, total))
+        return [
+            HistogramMetricFamily(
+                "blobstore_index_commit_group_size",
+                "Write requests committed together in one index transaction (and its fsyncs).",
+                buckets=buckets,
+                sum_value=0 if empty else stats.jobs,
+            ),
+            CounterMetricFamily(
+                "blobstore_index_commit_gathers",
+                "Index commits that waited briefly for more writes to join them, because writes overlapped.",
+                value=0 if empty else stats.gathers,
+            ),
+            CounterMetricFamily(
+                "blobstore_index_commit_regroups",
+                "Index commits run again job by job because one of their jobs failed.",
+                value=0 if empty else stats.regroups,
+            ),
+        ]
 
 
 class RpcStats:

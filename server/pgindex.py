@@ -42,7 +42,7 @@ from psycopg_pool import ConnectionPool
 
 from blobstore.server import errors
 from blobstore.server.backends import PostgresConfig
-from blobstore.server.index import STOP, IndexReader, IndexWriter, run_groups
+from blobstore.server.index import STOP, GroupStats, IndexReader, IndexWriter, run_groups
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -288,6 +288,7 @@ class PostgresIndex:
             name="blobstore-index",
         )
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.group_stats = GroupStats()
         self._closed = False
         self._lock = threading.Lock()
         try:
@@ -351,7 +352,7 @@ class PostgresIndex:
     MAX_GROUP = 64  # jobs per transaction
 
     def _write_groups(self) -> None:
-        run_groups(self._queue, self.MAX_GROUP, self._commit_group)
+        run_groups(self._queue, self.MAX_GROUP, self._commit_group, stats=self.group_stats)
 
     def _commit_group(self, jobs: list[_Job]) -> None:
         """Runs the jobs in one transaction, again after a conflict, and settles their futures."""

@@ -173,3 +173,16 @@ class _Gate:
 
     def release(self) -> None:
         self._go.set()
+
+
+def test_index_commit_group_sizes_are_exported(server: RunningServer, storage: Storage) -> None:
+    for number in range(5):
+        storage.set(f"key-{number}", b"v")
+    samples = scrape(server)
+    stats = server.engine.index.group_stats
+    assert samples[("blobstore_index_commit_group_size_sum", ())] == stats.jobs >= 5
+    assert samples[("blobstore_index_commit_group_size_count", ())] == stats.groups >= 1
+    assert samples[("blobstore_index_commit_group_size_bucket", (("le", "+Inf"),))] == stats.groups
+    assert samples[("blobstore_index_commit_group_size_bucket", (("le", "1.0"),))] == stats.counts[0]
+    assert samples[("blobstore_index_commit_gathers_total", ())] == stats.gathers
+    assert samples[("blobstore_index_commit_regroups_total", ())] == 0

@@ -368,3 +368,25 @@ def test_long_keys_list_in_true_key_order(engine: Engine, run: Run) -> None:
     )
     for key in keys:
         assert run(engine.get(ANONYMOUS, DATA, key))[1] == key.encode()[-20:]
+
+
+def test_concurrent_sets_share_commits_and_sequential_ones_never_wait(engine: Engine, run: Run) -> None:
+    stats = engine.index.group_stats
+    groups, jobs = stats.groups, stats.jobs
+
+    async def one_after_the_other() -> None:
+        for number in range(20):
+            await engine.set(ANONYMOUS, DATA, f"alone/{number}", b"v")
+
+    run(one_after_the_other())
+    assert stats.gathers == 0  # nothing overlapped: no Set waited for company
+    assert (stats.groups - groups, stats.jobs - jobs) == (20, 20)
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*(engine.set(ANONYMOUS, DATA, f"together/{n}", b"v") for n in range(32)))
+
+    groups, jobs = stats.groups, stats.jobs
+    infos = run(together())
+    assert [info.key for info in infos] == [f"together/{n}" for n in range(32)]
+    assert stats.jobs - jobs == 32
+    assert stats.groups - groups < 32  # some Sets shared a commit

@@ -1,13 +1,18 @@
-"""The LMDB index's group commit: each job succeeds or fails on its own, alone or in company."""
+"""The LMDB index's group commit: each job succeeds or fails on its own, alone or in company, and
+a group waits for company only while writes overlap."""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blobstore.server import errors
-from blobstore.server.index import IndexWriter, LmdbIndex
+from blobstore.server.index import STOP, GroupStats, IndexWriter, LmdbIndex, run_groups
 
 
 def failing(txn: IndexWriter) -> None:
@@ -49,3 +54,71 @@ def test_a_failing_job_in_a_group_leaves_the_others(tmp_path: Path) -> None:
             assert r.get("meta", b"y") == b"2"
     finally:
         reopened.close()
+
+
+def other_passing(txn: IndexWriter) -> str:
+    txn.put("meta", b"z", b"3")
+    return "also ok"
+
+
+def test_a_group_without_failures_commits_once_and_one_with_a_failure_again_job_by_job(tmp_path: Path) -> None:
+    index = LmdbIndex(str(tmp_path / "index"))
+    try:
+        assert [future.result() for future in index.submit_many([passing, other_passing])] == ["ok", "also ok"]
+        assert index.group_stats.regroups == 0
+        good, bad, also_good = index.submit_many([passing, failing, other_passing])
+        with pytest.raises(errors.InvalidArgument):
+            bad.result()
+        assert (good.result(), also_good.result()) == ("ok", "also ok")
+        assert index.group_stats.regroups == 1
+        assert index.group_stats.groups == 2 and index.group_stats.jobs == 5
+        with index.reader() as r:
+            assert r.get("meta", b"x") is None
+    finally:
+        index.close()
+
+
+def test_writes_one_after_the_other_never_wait_for_company(tmp_path: Path) -> None:
+    index = LmdbIndex(str(tmp_path / "index"), gather_s=60.0)  # a wait would stall this test for a minute
+    try:
+        for _ in range(30):
+            assert index.submit(passing).result() == "ok"
+        assert index.group_stats.gathers == 0
+        assert index.group_stats.groups == 30
+        assert index.group_stats.counts[0] == 30  # all in the bucket of size 1
+    finally:
+        index.close()
+
+
+def test_a_group_after_an_overlapped_commit_waits_for_the_callers_of_the_last_one() -> None:
+    """Two jobs queue up while the first commits: the next group waits for one more job (the first
+    one's caller writing again), then commits at once, not at the end of its (long) wait."""
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    groups: list[list[str]] = []
+    queued: list[int] = []
+    stats = GroupStats()
+
+    def run_group(group: list[str]) -> None:
+        if not groups:
+            jobs.put(["second"])
+            jobs.put(["third"])
+        queued.append(jobs.qsize())  # as the index does once the commit is durable
+        groups.append(group)
+
+    writer = threading.Thread(
+        target=run_groups,
+        args=(jobs, 256, run_group),
+        kwargs={"stats": stats, "gather_s": 600.0, "queued_at_commit": lambda: queued[-1]},
+    )
+    writer.start()
+    jobs.put(["first"])
+    deadline = time.monotonic() + 60  # only so that a broken writer fails the test instead of hanging it
+    while stats.gathers == 0 and writer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert stats.gathers == 1
+    jobs.put(["fourth"])
+    jobs.put(STOP)
+    writer.join(60)
+    assert not writer.is_alive()
+    assert groups == [["first"], ["second", "third", "fourth"]]
+    assert stats.groups == 2 and stats.jobs == 4
