@@ -13,8 +13,9 @@ come from the heap instead of fresh mmaps, and up to 64 MiB of free heap top is 
 Kept memory is kept per arena, and glibc gives threads that allocate at once arenas of their
 own (up to eight per core): a server's eight I/O threads and gRPC's threads each held freed
 buffers of their own, and a server's peak RSS during a 1 GiB download ranged from 92 to 156 MB
-between runs. `keep_freed_memory()` therefore also caps the arenas at two: 83-98 MB in the
-same loops, with no CPU cost that showed (docs/benchmarks.md, item 21).
+between runs. `keep_freed_memory()` therefore also puts every thread on one arena: with 4 MiB
+upload messages a server's peak during a 1 GiB upload was 112-142 MB against 149-170 with two
+arenas, with no CPU cost that showed (docs/benchmarks.md, items 21 and 23).
 Set BLOBSTORE_MALLOC_TUNING=0 to leave the allocator alone. Elsewhere than glibc it does
 nothing.
 """
@@ -30,7 +31,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
-ARENA_MAX = 2
+ARENA_MAX = 1
 
 _lock = threading.Lock()
 _done = False
