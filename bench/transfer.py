@@ -20,24 +20,26 @@ import google_crc32c
 import grpc
 
 from blobstore.client import Storage
+from blobstore.client.memory import keep_freed_memory
 from blobstore.client.storage import CHUNK_SIZE
 from blobstore.v1 import storage_pb2 as pb
 from blobstore.v1 import storage_pb2_grpc as pb_grpc
 
-# The bare upload stream is the one our client sends: messages of its default size.
-CHUNK = CHUNK_SIZE
+# Message sizes of the bare upload: "bare-upload" sends the stream our client sends (messages of
+# its default size), "bare-upload-1mib" the 1 MiB messages at which the bare servicer itself does best.
+MESSAGE_SIZES = {"bare-upload": CHUNK_SIZE, "bare-upload-1mib": 1 << 20}
 OPTIONS = [
     ("grpc.max_receive_message_length", (4 << 20) + (64 << 10)),
     ("grpc.max_send_message_length", (4 << 20) + (64 << 10)),
 ]
 
 
-def bare_messages(path: str) -> Iterator[pb.UploadRequest]:
-    """The same stream blobstore's client sends (spec first, CRC32C per message), minus its hashing."""
+def bare_messages(path: str, size: int) -> Iterator[pb.UploadRequest]:
+    """The stream blobstore's client sends (spec first, CRC32C per message), minus its hashing."""
     offset = 0
     with open(path, "rb") as f:
         first = True
-        while data := f.read(CHUNK):
+        while data := f.read(size):
             message = pb.UploadRequest(write_offset=offset, data=data, crc32c=google_crc32c.value(data))
             if first:
                 message.spec.key = "bare"
@@ -51,6 +53,7 @@ def main() -> None:
     mode, address, path = sys.argv[1:4]
     key = sys.argv[4] if len(sys.argv) > 4 else "big"
     nbytes = 0
+    keep_freed_memory()  # the bare client too runs with the allocator settings ours does
     cpu_before = os.times()
     if mode.startswith("ours"):
         with Storage(address) as storage:
@@ -63,8 +66,8 @@ def main() -> None:
             grpc.channel_ready_future(channel).result(timeout=10)
             stub = pb_grpc.StorageStub(channel)
             started = time.perf_counter()
-            if mode == "bare-upload":
-                nbytes = stub.Upload(bare_messages(path)).persisted_size
+            if mode in MESSAGE_SIZES:
+                nbytes = stub.Upload(bare_messages(path, MESSAGE_SIZES[mode])).persisted_size
             else:
                 with open(path, "wb") as f:
                     for response in stub.Download(pb.DownloadRequest(key=key)):
