@@ -58,9 +58,9 @@ def encode_upload_data(head: bytes, write_offset: int, data: bytes, crc32c: int)
     field is left out by protobuf, and a message without data is built as a message."""
     parts: list[bytes] = [head]
     if write_offset:
-        parts += (_WRITE_OFFSET_TAG, _varint(write_offset))
+        parts += (_WRITE_OFFSET_TAG, varint(write_offset))
     # crc32c has explicit presence: written even when it is 0.
-    parts += (_DATA_TAG, _varint(len(data)), data, _CRC32C_TAG, crc32c.to_bytes(4, "little"))
+    parts += (_DATA_TAG, varint(len(data)), data, _CRC32C_TAG, crc32c.to_bytes(4, "little"))
     return b"".join(parts)
 
 
@@ -133,7 +133,8 @@ def _read_varint(raw: bytes, position: int) -> tuple[int, int] | None:
     return None
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint (also what the server's hand-encoded Download messages use)."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from blobstore.client.wire import varint
 from blobstore.server import errors
 from blobstore.server.model import ObjectInfo, StorageType, UploadSpec
 from blobstore.v1 import storage_pb2 as pb
@@ -125,17 +126,8 @@ def encode_download_response(data: bytes | memoryview, crc32c: int, head: bytes 
     """
     parts: list[bytes | memoryview] = []
     if len(data):
-        parts += (_DATA_TAG, _varint(len(data)), data)
+        parts += (_DATA_TAG, varint(len(data)), data)
     if crc32c:
         parts += (_CRC32C_TAG, crc32c.to_bytes(4, "little"))
     parts.append(head)
     return b"".join(parts)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
