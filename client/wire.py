@@ -1,4 +1,5 @@
-"""Upload messages encoded by hand, Download messages decoded by hand, and the calls that use them.
+"""Upload messages encoded by hand, Download messages encoded (server) and decoded (client) by
+hand, and the calls that use them.
 
 Building an UploadRequest and serializing it copies every byte of its data three times
 (into the message, into the encoder's buffer, into the result), and every read of
@@ -27,7 +28,8 @@ _DATA_TAG = b"\x22"
 _CRC32C_TAG = b"\x2d"
 
 # DownloadResponse's data (1, length-delimited) and crc32c (2, fixed32): the server writes them
-# first (as SerializeToString does), the object and content range (3, 4) after them.
+# first (encode_download_response, as SerializeToString does), the object and content range
+# (3, 4) after them.
 _DOWNLOAD_DATA_TAG = b"\x0a"
 _DOWNLOAD_CRC32C_TAG = b"\x15"
 
@@ -83,6 +85,25 @@ class DownloadPiece(NamedTuple):
     rest: pb.DownloadResponse | None
 
 
+def encode_download_response(data: bytes | memoryview, crc32c: int, head: bytes = b"") -> bytes:
+    """The wire bytes of DownloadResponse(data=data, crc32c=crc32c) followed by `head`, the
+    serialized fields 3 and 4 (object, content_range) of the first message: what the server
+    sends, beside what the client reads back (decode_download_response).
+
+    The same bytes SerializeToString gives, which writes fields in number order and leaves out
+    empty ones. Built by hand because the protobuf route copies every byte of data three
+    times (into the message, into the encoder's buffer, into the result); here the one join
+    copies it once, straight from the chunk.
+    """
+    parts: list[bytes | memoryview] = []
+    if len(data):
+        parts += (_DOWNLOAD_DATA_TAG, varint(len(data)), data)
+    if crc32c:
+        parts += (_DOWNLOAD_CRC32C_TAG, crc32c.to_bytes(4, "little"))
+    parts.append(head)
+    return b"".join(parts)
+
+
 def decode_download_response(raw: bytes) -> DownloadPiece:
     """A DownloadResponse from its wire bytes, its data sliced straight out of `raw`.
 
@@ -134,7 +155,7 @@ def _read_varint(raw: bytes, position: int) -> tuple[int, int] | None:
 
 
 def varint(value: int) -> bytes:
-    """A protobuf base-128 varint (also what the server's hand-encoded Download messages use)."""
+    """A protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

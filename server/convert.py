@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from blobstore.client.wire import varint
 from blobstore.server import errors
 from blobstore.server.model import ObjectInfo, StorageType, UploadSpec
 from blobstore.v1 import storage_pb2 as pb
@@ -107,27 +106,3 @@ def signed_url_method(method: int) -> str:
         return _SIGNED_URL_METHODS[method]  # type: ignore[index]
     except KeyError:
         raise errors.InvalidArgument("a signed URL's method must be GET (download) or PUT (upload)") from None
-
-
-# DownloadResponse's first two fields, as protobuf writes them: data (1, length-delimited) and
-# crc32c (2, fixed32). Their tags fit in one byte each.
-_DATA_TAG = b"\x0a"
-_CRC32C_TAG = b"\x15"
-
-
-def encode_download_response(data: bytes | memoryview, crc32c: int, head: bytes = b"") -> bytes:
-    """The wire bytes of DownloadResponse(data=data, crc32c=crc32c) followed by `head`, the
-    serialized fields 3 and 4 (object, content_range) of the first message.
-
-    The same bytes SerializeToString gives, which writes fields in number order and leaves out
-    empty ones. Built by hand because the protobuf route copies every byte of data three
-    times (into the message, into the encoder's buffer, into the result); here the one join
-    copies it once, straight from the chunk.
-    """
-    parts: list[bytes | memoryview] = []
-    if len(data):
-        parts += (_DATA_TAG, varint(len(data)), data)
-    if crc32c:
-        parts += (_CRC32C_TAG, crc32c.to_bytes(4, "little"))
-    parts.append(head)
-    return b"".join(parts)

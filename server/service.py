@@ -15,11 +15,11 @@ from typing import Any
 import google_crc32c
 import grpc
 
+from blobstore.client.wire import encode_download_response
 from blobstore.server import errors, status
 from blobstore.server.auth import Metadata
 from blobstore.server.convert import (
     ObjectFiller,
-    encode_download_response,
     fill_object,
     object_to_pb,
     optional_int,

@@ -8,7 +8,8 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blobstore.server.convert import ObjectFiller, encode_download_response, fill_object, object_to_pb
+from blobstore.client.wire import encode_download_response
+from blobstore.server.convert import ObjectFiller, fill_object, object_to_pb
 from blobstore.server.model import ObjectInfo, StorageType
 from blobstore.v1 import storage_pb2 as pb
 
