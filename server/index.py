@@ -119,6 +119,10 @@ _Job = tuple[Callable[[IndexWriter], Any], "Future[Any]"]
 class _Regroup(Exception):
     """A job of a group failed: the group is undone and run again, each job on its own."""
 
+    def __init__(self, failure: BaseException) -> None:
+        super().__init__(failure)
+        self.failure = failure
+
 
 # Queued to a writer thread: it stops once the jobs queued before have run.
 STOP = object()
@@ -319,23 +323,21 @@ class LmdbIndex:
         )
 
     def _run_group(self, jobs: list[_Job]) -> None:
-        if len(jobs) == 1:
-            self._run_alone(*jobs[0])
-            return
         jobs = [(op, future) for op, future in jobs if future.set_running_or_notify_cancel()]
         if not jobs:
             return
+        outcomes: list[tuple[Any, BaseException | None]]
         try:
-            outcomes: list[tuple[Any, BaseException | None]] | None = self._run_together(jobs)
-            if outcomes is None:
-                self.group_stats.regroups += 1
-                outcomes = self._run_nested(jobs)
+            try:
+                outcomes = self._run_together(jobs)
+            except _Regroup as regroup:  # a job failed and the transaction was undone
+                if len(jobs) == 1:  # alone, it simply failed: nothing to run again
+                    outcomes = [(None, _translate(regroup.failure))]
+                else:
+                    self.group_stats.regroups += 1
+                    outcomes = self._run_nested(jobs)
         except BaseException as commit_failure:  # the commit itself failed: nothing took effect
-            self._queued_at_commit = self._queue.qsize()
-            translated = _translate(commit_failure)
-            for _, future in jobs:
-                future.set_exception(translated)
-            return
+            outcomes = [(None, _translate(commit_failure))] * len(jobs)
         self._queued_at_commit = self._queue.qsize()  # before any caller hears back
         for (_, future), (result, failure) in zip(jobs, outcomes, strict=True):
             if failure is None:
@@ -343,22 +345,19 @@ class LmdbIndex:
             else:
                 future.set_exception(failure)
 
-    def _run_together(self, jobs: list[_Job]) -> list[tuple[Any, BaseException | None]] | None:
-        """Runs the jobs one after the other in one transaction, or undoes them all and returns
-        None if one fails. Cheaper than a nested transaction per job: py-lmdb releases the
+    def _run_together(self, jobs: list[_Job]) -> list[tuple[Any, BaseException | None]]:
+        """Runs the jobs one after the other in one transaction, or undoes them all and raises
+        _Regroup if one fails. Cheaper than a nested transaction per job: py-lmdb releases the
         interpreter lock to begin and to commit each one, and under load the writer then waits
         for the event loop to give it back, twice per job. Jobs rarely fail."""
         outcomes: list[tuple[Any, BaseException | None]] = []
-        try:
-            with self._env.begin(write=True) as txn:
-                writer = _LmdbTxn(txn, self._dbs)
-                for op, _ in jobs:
-                    try:
-                        outcomes.append((op(writer), None))
-                    except BaseException as failure:  # undone with the others, run again nested
-                        raise _Regroup from failure
-        except _Regroup:
-            return None
+        with self._env.begin(write=True) as txn:
+            writer = _LmdbTxn(txn, self._dbs)
+            for op, _ in jobs:
+                try:
+                    outcomes.append((op(writer), None))
+                except BaseException as failure:  # undone with the others
+                    raise _Regroup(failure) from failure
         return outcomes
 
     def _run_nested(self, jobs: list[_Job]) -> list[tuple[Any, BaseException | None]]:
@@ -376,20 +375,6 @@ class LmdbIndex:
                     child.commit()
                     outcomes.append((result, None))
         return outcomes
-
-    def _run_alone(self, op: Callable[[IndexWriter], Any], future: Future[Any]) -> None:
-        """A job with no company needs no nested transaction: if it fails, the whole one is undone."""
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            with self._env.begin(write=True) as txn:
-                result = op(_LmdbTxn(txn, self._dbs))
-        except BaseException as failure:  # reported to the job's caller; nothing took effect
-            self._queued_at_commit = self._queue.qsize()
-            future.set_exception(_translate(failure))
-            return
-        self._queued_at_commit = self._queue.qsize()  # before the caller hears back
-        future.set_result(result)
 
 
 def _translate(exc: BaseException) -> BaseException:
