@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import collections
 import inspect
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -126,10 +127,7 @@ class CommitCollector:
     def _families(self, *, empty: bool) -> list[Metric]:
         stats = self.stats
         counts = [0] * len(stats.counts) if empty else list(stats.counts)
-        buckets, total = [], 0
-        for bound, count in zip((*map(floatToGoString, GroupStats.BOUNDS), "+Inf"), counts, strict=True):
-            total += count
-            buckets.append((bound, total))
+        buckets = cumulative_buckets(_GROUP_SIZE_LABELS, counts)
         return [
             HistogramMetricFamily(
                 "blobstore_index_commit_group_size",
@@ -203,11 +201,7 @@ class RpcCollector:
             for code, count in sorted(handled_by_code.items()):
                 handled.add_metric([*labels, code], count)
             in_progress.add_metric(labels, started_count - sum(handled_by_code.values()))
-            cumulative, buckets = 0, []
-            for bound, count in zip(_BUCKET_LABELS, list(stats.buckets), strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            latency.add_metric(labels, buckets, stats.latency_sum)
+            latency.add_metric(labels, cumulative_buckets(_LATENCY_LABELS, list(stats.buckets)), stats.latency_sum)
             received_by_method[stats.labels[1]] += stats.received_bytes
             sent_by_method[stats.labels[1]] += stats.sent_bytes
         for method, count in received_by_method.items():
@@ -239,7 +233,19 @@ class RpcCollector:
         )
 
 
-_BUCKET_LABELS = [*(floatToGoString(bound) for bound in LATENCY_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+def bucket_labels(bounds: Iterable[float]) -> list[str]:
+    """A histogram's `le` labels for these upper bounds, as prometheus_client writes them, then +Inf."""
+    return [*(floatToGoString(bound) for bound in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+
+
+def cumulative_buckets(labels: list[str], counts: list[int]) -> list[tuple[str, float]]:
+    """A histogram's buckets as exposed (each counts everything up to its bound) from
+    per-bucket counts kept as plain numbers."""
+    return list(zip(labels, itertools.accumulate(counts), strict=True))
+
+
+_LATENCY_LABELS = bucket_labels(LATENCY_BUCKETS)
+_GROUP_SIZE_LABELS = bucket_labels(GroupStats.BOUNDS)
 
 RPC_TYPES = {
     "unary_unary": "unary",
