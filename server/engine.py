@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -106,6 +107,54 @@ def crc32c(data: bytes | memoryview) -> int:
 
 def crc32c_extend(crc: int, data: bytes | memoryview) -> int:
     return int(google_crc32c.extend(crc, data))
+
+
+# CRC-32C's polynomial, bit-reflected as the CRC is computed.
+_CRC32C_POLY = 0x82F63B78
+
+
+def _multiply_mod_poly(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial, both bit-reflected (x^0 is the top bit)."""
+    product = 0
+    bit = 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+    return product
+
+
+def _x_to_the_2_to_the(k: int) -> int:
+    """x^(2^k) modulo the polynomial."""
+    power = 1 << 30  # x^1
+    for _ in range(k):
+        power = _multiply_mod_poly(power, power)
+    return power
+
+
+_X_TO_THE_2_TO_THE = [_x_to_the_2_to_the(k) for k in range(64)]
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_by_bytes(count: int) -> int:
+    """x^(8 * count) modulo the polynomial: what appending `count` bytes does to a CRC."""
+    power = 1 << 31  # x^0
+    k = 3  # 8 * count = count * 2^3
+    while count:
+        if count & 1:
+            power = _multiply_mod_poly(_X_TO_THE_2_TO_THE[k], power)
+        count >>= 1
+        k += 1
+    return power
+
+
+def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """The CRC32C of A + B from the CRC32Cs of A and of B (B being `length_b` bytes long),
+    without the bytes: zlib's crc32_combine for CRC-32C's polynomial. Lets a reader hash each
+    piece it sends once and still check the whole chunk's CRC32C."""
+    return _multiply_mod_poly(_shift_by_bytes(length_b), crc_a) ^ crc_b
 
 
 class _Generations:
@@ -954,6 +1003,44 @@ class Engine:
             raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
         return data
 
+    def _read_chunk_pieces(self, ref: rec.ChunkRef, lo: int, hi: int, max_bytes: int | None) -> list[tuple[bytes, int]]:
+        """chunk[lo:hi] in pieces of at most `max_bytes` (None: one), each with its CRC32C, once the whole
+        chunk has passed its CRC32C check; from the chunk's file when it has one.
+
+        Each piece is read into bytes of its own and hashed once: the chunk's CRC32C is checked
+        by combining the pieces' (and those of any bytes around the range). Reading the whole
+        chunk and cutting it would copy every byte once more and hash it twice.
+        """
+        path = self.chunks.local_path(ref.sha256)
+        if path is None:  # a remote store: one request for the chunk, not one per piece
+            return list(_cut(self._read_chunk(ref), lo, hi, ref.crc32c, max_bytes))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is missing from the chunk store") from None
+        try:
+            step = max_bytes or max(1, hi - lo)
+            spans = [(0, lo)] if lo else []
+            spans += [(start, min(hi, start + step)) for start in range(lo, hi, step)]
+            if hi < ref.size:
+                spans.append((hi, ref.size))
+            pieces: list[tuple[bytes, int]] = []
+            whole = read = 0
+            for start, end in spans:
+                data = os.pread(fd, end - start, start)
+                crc = crc32c(data)
+                whole = crc32c_combine(whole, crc, len(data)) if start else crc
+                read += len(data)
+                if lo <= start < hi:
+                    pieces.append((data, crc))
+            # One byte past the end: a grown file fails the check as a short one does.
+            intact = read == ref.size and not os.pread(fd, 1, ref.size)
+        finally:
+            os.close(fd)
+        if not intact or whole != ref.crc32c:
+            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
+        return pieces
+
     def _open_verified_chunk(self, ref: rec.ChunkRef) -> BinaryIO:
         path = self.chunks.local_path(ref.sha256)
         if path is None:
@@ -1464,15 +1551,16 @@ class Download:
         loop = asyncio.get_running_loop()
         engine = self.engine
         readahead = max(1, engine.config.download_readahead)
-        inflight: list[asyncio.Future[bytes]] = []
+        inflight: list[asyncio.Future[list[tuple[bytes, int]]]] = []
         next_index = 0
         try:
-            for ref, lo, hi in wanted:
+            for _ in wanted:
                 while next_index < len(wanted) and len(inflight) < readahead:
-                    inflight.append(loop.run_in_executor(engine.executor, engine._read_chunk, wanted[next_index][0]))
+                    ref, lo, hi = wanted[next_index]
+                    read = loop.run_in_executor(engine.executor, engine._read_chunk_pieces, ref, lo, hi, max_bytes)
+                    inflight.append(read)
                     next_index += 1
-                data = await inflight.pop(0)
-                for piece in _cut(data, lo, hi, ref.crc32c, max_bytes):
+                for piece in await inflight.pop(0):
                     yield piece
         finally:
             for future in inflight:
