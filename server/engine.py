@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import google_crc32c
 
+from blobstore.client.checksums import crc32c_combine
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, quotas, schema
 from blobstore.server.chunkstore import ChunkStore
@@ -103,58 +103,6 @@ class StoreStats:
 
 def crc32c(data: bytes | memoryview) -> int:
     return int(google_crc32c.value(data))
-
-
-def crc32c_extend(crc: int, data: bytes | memoryview) -> int:
-    return int(google_crc32c.extend(crc, data))
-
-
-# CRC-32C's polynomial, bit-reflected as the CRC is computed.
-_CRC32C_POLY = 0x82F63B78
-
-
-def _multiply_mod_poly(a: int, b: int) -> int:
-    """a * b modulo the CRC polynomial, both bit-reflected (x^0 is the top bit)."""
-    product = 0
-    bit = 1 << 31
-    while a:
-        if a & bit:
-            product ^= b
-            a ^= bit
-        bit >>= 1
-        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
-    return product
-
-
-def _x_to_the_2_to_the(k: int) -> int:
-    """x^(2^k) modulo the polynomial."""
-    power = 1 << 30  # x^1
-    for _ in range(k):
-        power = _multiply_mod_poly(power, power)
-    return power
-
-
-_X_TO_THE_2_TO_THE = [_x_to_the_2_to_the(k) for k in range(64)]
-
-
-@functools.lru_cache(maxsize=64)
-def _shift_by_bytes(count: int) -> int:
-    """x^(8 * count) modulo the polynomial: what appending `count` bytes does to a CRC."""
-    power = 1 << 31  # x^0
-    k = 3  # 8 * count = count * 2^3
-    while count:
-        if count & 1:
-            power = _multiply_mod_poly(_X_TO_THE_2_TO_THE[k], power)
-        count >>= 1
-        k += 1
-    return power
-
-
-def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
-    """The CRC32C of A + B from the CRC32Cs of A and of B (B being `length_b` bytes long),
-    without the bytes: zlib's crc32_combine for CRC-32C's polynomial. Lets a reader hash each
-    piece it sends once and still check the whole chunk's CRC32C."""
-    return _multiply_mod_poly(_shift_by_bytes(length_b), crc_a) ^ crc_b
 
 
 class _Generations:
@@ -1287,7 +1235,10 @@ class UploadWriter:
             raise errors.OutOfRange(
                 f"upload exceeds its declared size of {declared} bytes (received {self.size + len(data)})"
             )
-        self._crc = crc32c_extend(self._crc, data) if known_crc32c is None or self.size else known_crc32c
+        if known_crc32c is None:
+            known_crc32c = crc32c(data)
+        # Combined from the message's CRC32C: one pass over the bytes, which the caller has made.
+        self._crc = crc32c_combine(self._crc, known_crc32c, len(data))
         self.size += len(data)
         chunk_size = self.engine.config.chunk_size
         view = memoryview(data)
@@ -1341,14 +1292,14 @@ class UploadWriter:
             # running or done: this waits for it, never for a job that waits on this one.
             if previous is not None and not previous.wait():
                 raise errors.Aborted("an earlier chunk of this upload failed")
-            self._hash_chunk(chunk)
+            self._hash_chunk(chunk, ref.crc32c)
             hashed = True
             return ref
         finally:
             turn.end(hashed)
 
-    def _hash_chunk(self, chunk: bytes) -> None:
-        """Runs on a worker thread, once per stored chunk, strictly in object order."""
+    def _hash_chunk(self, chunk: bytes, crc: int) -> None:
+        """Runs on a worker thread, once per stored chunk (`crc` its CRC32C), strictly in object order."""
         self._sha.update(chunk)
 
     async def _store_everything(self) -> None:

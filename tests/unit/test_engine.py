@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, schema
-from blobstore.server.engine import Engine, EngineConfig, crc32c, crc32c_combine, open_engine
+from blobstore.server.engine import Engine, EngineConfig, crc32c, open_engine
 from blobstore.server.model import ANONYMOUS, Caller, StorageType, UploadSpec
 from tests.conftest import TEST_CHUNK_SIZE
 
@@ -278,16 +276,6 @@ def test_unary_size_limits(engine: Engine, run: Run) -> None:
     run(upload(engine, "k", os.urandom(limit + 1)))
     with pytest.raises(errors.ObjectTooLargeForUnary):
         run(engine.get(ANONYMOUS, DATA, "k"))
-
-
-@given(st.binary(max_size=3000), st.binary(max_size=3000))
-def test_crc32c_combine_gives_the_crc32c_of_the_joined_bytes(a: bytes, b: bytes) -> None:
-    assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b)
-
-
-def test_crc32c_combine_over_a_mebibyte() -> None:
-    a, b = os.urandom(3 * MiB + 7), os.urandom(MiB)
-    assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b)
 
 
 async def _pieces(engine: Engine, key: str, max_bytes: int, offset: int = 0, limit: int = 0) -> list[tuple[bytes, int]]:
