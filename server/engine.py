@@ -35,7 +35,7 @@ from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, quotas, schema
 from blobstore.server.chunkstore import ChunkStore
 from blobstore.server.handback import Handback
-from blobstore.server.index import Index, IndexReader, IndexWriter
+from blobstore.server.index import Index, IndexReader, IndexWriter, LmdbIndex
 from blobstore.server.model import (
     BatchEntry,
     ByteRange,
@@ -74,6 +74,9 @@ class EngineConfig:
     session_checkpoint_chunks: int = 4
     # Address space of the LMDB index (None: the backend's default); writes past it fail RESOURCE_EXHAUSTED.
     index_map_size: int | None = None
+    # LMDB index: how long (us) a group commit may wait for more writes to share its fsyncs,
+    # only while writes overlap (a lone write never waits); 0: never wait.
+    index_commit_gather_us: int = round(LmdbIndex.GATHER_S * 1e6)
     default_page_size: int = 1000
     max_page_size: int = 10_000
     max_batch_entries: int = 1000
