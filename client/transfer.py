@@ -29,6 +29,8 @@ from typing import IO, Any, Protocol
 
 import google_crc32c
 
+from blobstore.client.checksums import crc32c_combine
+
 SEEKABLE_SNAPSHOT_BYTES = 8 << 20
 DEFAULT_WINDOW = 32 << 20
 
@@ -116,6 +118,11 @@ class UploadSource:
 
     def read(self, size: int) -> bytes:
         """The next bytes (at most `size`); b"" at the end."""
+        return self.read_with_crc32c(size)[0]
+
+    def read_with_crc32c(self, size: int) -> tuple[bytes, int]:
+        """The next bytes (at most `size`) and their CRC32C; b"" at the end. Each byte is
+        hashed for CRC32C once: the running CRC32C is combined from the pieces'."""
         if self.offset < self._high_water and not self.seekable:
             data = self._replay(size)
         else:
@@ -128,12 +135,14 @@ class UploadSource:
                 self._pieces.append(_Piece(self.offset, self.crc, self.sha.copy(), data))
                 self._kept += len(data)
                 self._trim()
+        data = bytes(data)
+        crc = int(google_crc32c.value(data))
         if data:
-            self.crc = google_crc32c.extend(self.crc, data)
+            self.crc = crc32c_combine(self.crc, crc, len(data))
             self.sha.update(data)
             self.offset += len(data)
             self._high_water = max(self._high_water, self.offset)
-        return bytes(data)
+        return data, crc
 
     def _snapshot(self) -> None:
         if self._pieces and self.offset - self._pieces[-1].start < SEEKABLE_SNAPSHOT_BYTES:

@@ -84,15 +84,24 @@ class BackendConfig:
             raise ValueError(f"s3.chunk_size must be between {low} and {high} bytes, not {self.s3.chunk_size}")
 
 
-def open_index(data_dir: str, config: BackendConfig, *, map_size: int | None = None) -> Index:
+def open_index(
+    data_dir: str, config: BackendConfig, *, map_size: int | None = None, gather_us: int | None = None
+) -> Index:
+    """`gather_us`: the LMDB index's group-commit wait (engine.index_commit_gather_us); None: its default."""
     config.validate()
+    if gather_us is not None and gather_us < 0:
+        raise ValueError(f"engine.index_commit_gather_us must not be negative, not {gather_us}")
     if config.index == "postgres":
         from blobstore.server.pgindex import PostgresIndex
 
         return PostgresIndex(config.postgres)
     from blobstore.server.index import LmdbIndex
 
-    return LmdbIndex(os.path.join(data_dir, "index"), map_size=map_size or LmdbIndex.DEFAULT_MAP_SIZE)
+    return LmdbIndex(
+        os.path.join(data_dir, "index"),
+        map_size=map_size or LmdbIndex.DEFAULT_MAP_SIZE,
+        gather_s=LmdbIndex.GATHER_S if gather_us is None else gather_us / 1e6,
+    )
 
 
 def open_chunk_store(data_dir: str, config: BackendConfig) -> ChunkStore:
@@ -123,7 +132,7 @@ def open_backend_engine(
         )
         backends.s3.max_connections = max(backends.s3.max_connections, config.io_threads + 8)
     os.makedirs(data_dir, exist_ok=True)
-    index = open_index(data_dir, backends, map_size=config.index_map_size)
+    index = open_index(data_dir, backends, map_size=config.index_map_size, gather_us=config.index_commit_gather_us)
     try:
         chunks = open_chunk_store(data_dir, backends)
     except BaseException:

@@ -30,11 +30,12 @@ from typing import Any, BinaryIO, TypeVar
 
 import google_crc32c
 
+from blobstore.client.checksums import crc32c_combine
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, quotas, schema
 from blobstore.server.chunkstore import ChunkStore
 from blobstore.server.handback import Handback
-from blobstore.server.index import Index, IndexReader, IndexWriter
+from blobstore.server.index import Index, IndexReader, IndexWriter, LmdbIndex
 from blobstore.server.model import (
     BatchEntry,
     ByteRange,
@@ -73,6 +74,9 @@ class EngineConfig:
     session_checkpoint_chunks: int = 4
     # Address space of the LMDB index (None: the backend's default); writes past it fail RESOURCE_EXHAUSTED.
     index_map_size: int | None = None
+    # LMDB index: how long (us) a group commit may wait for more writes to share its fsyncs,
+    # only while writes overlap (a lone write never waits); 0: never wait.
+    index_commit_gather_us: int = round(LmdbIndex.GATHER_S * 1e6)
     default_page_size: int = 1000
     max_page_size: int = 10_000
     max_batch_entries: int = 1000
@@ -102,10 +106,6 @@ class StoreStats:
 
 def crc32c(data: bytes | memoryview) -> int:
     return int(google_crc32c.value(data))
-
-
-def crc32c_extend(crc: int, data: bytes | memoryview) -> int:
-    return int(google_crc32c.extend(crc, data))
 
 
 class _Generations:
@@ -954,6 +954,44 @@ class Engine:
             raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
         return data
 
+    def _read_chunk_pieces(self, ref: rec.ChunkRef, lo: int, hi: int, max_bytes: int | None) -> list[tuple[bytes, int]]:
+        """chunk[lo:hi] in pieces of at most `max_bytes` (None: one), each with its CRC32C, once the whole
+        chunk has passed its CRC32C check; from the chunk's file when it has one.
+
+        Each piece is read into bytes of its own and hashed once: the chunk's CRC32C is checked
+        by combining the pieces' (and those of any bytes around the range). Reading the whole
+        chunk and cutting it would copy every byte once more and hash it twice.
+        """
+        path = self.chunks.local_path(ref.sha256)
+        if path is None:  # a remote store: one request for the chunk, not one per piece
+            return list(_cut(self._read_chunk(ref), lo, hi, ref.crc32c, max_bytes))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is missing from the chunk store") from None
+        try:
+            step = max_bytes or max(1, hi - lo)
+            spans = [(0, lo)] if lo else []
+            spans += [(start, min(hi, start + step)) for start in range(lo, hi, step)]
+            if hi < ref.size:
+                spans.append((hi, ref.size))
+            pieces: list[tuple[bytes, int]] = []
+            whole = read = 0
+            for start, end in spans:
+                data = os.pread(fd, end - start, start)
+                crc = crc32c(data)
+                whole = crc32c_combine(whole, crc, len(data)) if start else crc
+                read += len(data)
+                if lo <= start < hi:
+                    pieces.append((data, crc))
+            # One byte past the end: a grown file fails the check as a short one does.
+            intact = read == ref.size and not os.pread(fd, 1, ref.size)
+        finally:
+            os.close(fd)
+        if not intact or whole != ref.crc32c:
+            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
+        return pieces
+
     def _open_verified_chunk(self, ref: rec.ChunkRef) -> BinaryIO:
         path = self.chunks.local_path(ref.sha256)
         if path is None:
@@ -1200,7 +1238,10 @@ class UploadWriter:
             raise errors.OutOfRange(
                 f"upload exceeds its declared size of {declared} bytes (received {self.size + len(data)})"
             )
-        self._crc = crc32c_extend(self._crc, data) if known_crc32c is None or self.size else known_crc32c
+        if known_crc32c is None:
+            known_crc32c = crc32c(data)
+        # Combined from the message's CRC32C: one pass over the bytes, which the caller has made.
+        self._crc = crc32c_combine(self._crc, known_crc32c, len(data))
         self.size += len(data)
         chunk_size = self.engine.config.chunk_size
         view = memoryview(data)
@@ -1254,14 +1295,14 @@ class UploadWriter:
             # running or done: this waits for it, never for a job that waits on this one.
             if previous is not None and not previous.wait():
                 raise errors.Aborted("an earlier chunk of this upload failed")
-            self._hash_chunk(chunk)
+            self._hash_chunk(chunk, ref.crc32c)
             hashed = True
             return ref
         finally:
             turn.end(hashed)
 
-    def _hash_chunk(self, chunk: bytes) -> None:
-        """Runs on a worker thread, once per stored chunk, strictly in object order."""
+    def _hash_chunk(self, chunk: bytes, crc: int) -> None:
+        """Runs on a worker thread, once per stored chunk (`crc` its CRC32C), strictly in object order."""
         self._sha.update(chunk)
 
     async def _store_everything(self) -> None:
@@ -1464,15 +1505,16 @@ class Download:
         loop = asyncio.get_running_loop()
         engine = self.engine
         readahead = max(1, engine.config.download_readahead)
-        inflight: list[asyncio.Future[bytes]] = []
+        inflight: list[asyncio.Future[list[tuple[bytes, int]]]] = []
         next_index = 0
         try:
-            for ref, lo, hi in wanted:
+            for _ in wanted:
                 while next_index < len(wanted) and len(inflight) < readahead:
-                    inflight.append(loop.run_in_executor(engine.executor, engine._read_chunk, wanted[next_index][0]))
+                    ref, lo, hi = wanted[next_index]
+                    read = loop.run_in_executor(engine.executor, engine._read_chunk_pieces, ref, lo, hi, max_bytes)
+                    inflight.append(read)
                     next_index += 1
-                data = await inflight.pop(0)
-                for piece in _cut(data, lo, hi, ref.crc32c, max_bytes):
+                for piece in await inflight.pop(0):
                     yield piece
         finally:
             for future in inflight:

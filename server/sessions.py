@@ -32,9 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from blobstore.client.checksums import crc32c_combine
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, schema
-from blobstore.server.engine import Engine, UploadWriter, crc32c_extend, new_upload_id
+from blobstore.server.engine import Engine, UploadWriter, new_upload_id
 from blobstore.server.index import IndexReader, IndexWriter
 from blobstore.server.model import Caller, ObjectInfo, StorageType, UploadSpec
 
@@ -302,9 +303,9 @@ class ResumableUpload(UploadWriter):
             await self._store_everything()
         await self._checkpoint()
 
-    def _hash_chunk(self, chunk: bytes) -> None:
-        super()._hash_chunk(chunk)
-        self._chain_crc = crc32c_extend(self._chain_crc, chunk)
+    def _hash_chunk(self, chunk: bytes, crc: int) -> None:
+        super()._hash_chunk(chunk, crc)
+        self._chain_crc = crc32c_combine(self._chain_crc, crc, len(chunk))
         self._crc_at[self._hashed + 1] = self._chain_crc
         self._hashed += 1
 

@@ -15,7 +15,7 @@ import pytest
 
 from blobstore.internal import records_pb2 as rec
 from blobstore.server import errors, schema
-from blobstore.server.engine import Engine, EngineConfig, open_engine
+from blobstore.server.engine import Engine, EngineConfig, crc32c, open_engine
 from blobstore.server.model import ANONYMOUS, Caller, StorageType, UploadSpec
 from tests.conftest import TEST_CHUNK_SIZE
 
@@ -276,6 +276,64 @@ def test_unary_size_limits(engine: Engine, run: Run) -> None:
     run(upload(engine, "k", os.urandom(limit + 1)))
     with pytest.raises(errors.ObjectTooLargeForUnary):
         run(engine.get(ANONYMOUS, DATA, "k"))
+
+
+async def _pieces(engine: Engine, key: str, max_bytes: int, offset: int = 0, limit: int = 0) -> list[tuple[bytes, int]]:
+    download = await engine.open_download(ANONYMOUS, DATA, key, offset=offset, limit=limit)
+    try:
+        return [piece async for piece in download.pieces(max_bytes)]
+    finally:
+        download.close()
+
+
+def test_download_pieces_start_at_the_range_and_each_chunk_and_carry_their_own_crc32c(engine: Engine, run: Run) -> None:
+    data = os.urandom(2 * TEST_CHUNK_SIZE + 10)
+    run(upload(engine, "big", data))
+    step = 300_000
+    for offset, limit in [(0, 0), (1, 0), (TEST_CHUNK_SIZE - 5, 10), (700_000, MiB), (2 * MiB, 0), (len(data) - 1, 0)]:
+        end = len(data) if limit == 0 else offset + limit
+        got = run(_pieces(engine, "big", step, offset, limit))
+        assert b"".join(piece for piece, _ in got) == data[offset:end]
+        assert [crc for _, crc in got] == [crc32c(piece) for piece, _ in got]
+        expected_sizes = []
+        for chunk_start in range(0, len(data), TEST_CHUNK_SIZE):
+            lo, hi = max(offset, chunk_start), min(end, chunk_start + TEST_CHUNK_SIZE)
+            expected_sizes += [min(step, hi - start) for start in range(lo, hi, step)]
+        assert [len(piece) for piece, _ in got] == expected_sizes
+
+
+@pytest.mark.parametrize(
+    "damage", ["flip a byte before the range", "flip a byte after it", "grow", "truncate", "delete"]
+)
+def test_a_damaged_chunk_fails_before_any_of_its_bytes_are_handed_out(engine: Engine, run: Run, damage: str) -> None:
+    data = os.urandom(TEST_CHUNK_SIZE)
+    run(upload(engine, "one", data))
+    path = Path(engine.chunks.local_path(hashlib.sha256(data).digest()) or "")  # one chunk, named by its SHA-256
+    raw = bytearray(path.read_bytes())
+    if damage == "flip a byte before the range":
+        raw[100] ^= 0x01
+    elif damage == "flip a byte after it":
+        raw[-100] ^= 0x01
+    elif damage == "grow":
+        raw += b"\0"
+    elif damage == "truncate":
+        del raw[-1]
+    path.unlink()
+    if damage != "delete":
+        path.write_bytes(bytes(raw))
+
+    async def read() -> list[bytes]:
+        received: list[bytes] = []
+        download = await engine.open_download(ANONYMOUS, DATA, "one", offset=500_000, limit=100_000)
+        try:
+            with pytest.raises(errors.DataLoss, match="missing" if damage == "delete" else "corrupt"):
+                async for piece, _ in download.pieces(64 << 10):
+                    received.append(piece)
+        finally:
+            download.close()
+        return received
+
+    assert run(read()) == []
 
 
 def test_corrupt_chunk_is_data_loss_never_wrong_bytes(engine: Engine, run: Run) -> None:

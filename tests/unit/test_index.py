@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 
 from blobstore.server import errors
+from blobstore.server.app import ServerConfig
+from blobstore.server.backends import BackendConfig, open_index
+from blobstore.server.config import load_config
 from blobstore.server.index import STOP, GroupStats, IndexWriter, LmdbIndex, run_groups
 
 
@@ -122,3 +125,30 @@ def test_a_group_after_an_overlapped_commit_waits_for_the_callers_of_the_last_on
     assert not writer.is_alive()
     assert groups == [["first"], ["second", "third", "fourth"]]
     assert stats.groups == 2 and stats.jobs == 4
+
+
+@pytest.mark.parametrize(("gather_us", "gathers"), [(0, 0), (1000, 1)])
+def test_the_group_commit_wait_is_the_engine_setting(tmp_path: Path, gather_us: int, gathers: int) -> None:
+    """Three writes queue up while a first one commits: the next group waits for company only
+    when engine.index_commit_gather_us allows it."""
+    settings = load_config(ServerConfig, overrides={"engine.index_commit_gather_us": str(gather_us)})
+    index = open_index(str(tmp_path), settings.backends, gather_us=settings.engine.index_commit_gather_us)
+    try:
+        release = threading.Event()
+        first = index.submit(lambda txn: release.wait(60))
+        deadline = time.monotonic() + 60  # only so that a broken writer fails the test instead of hanging it
+        while not first.running() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        later = [index.submit(passing) for _ in range(3)]
+        release.set()
+        assert first.result(60) is True
+        assert [future.result(60) for future in later] == ["ok"] * 3
+        assert index.group_stats.gathers == gathers
+        assert index.group_stats.groups == 2
+    finally:
+        index.close()
+
+
+def test_a_negative_group_commit_wait_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="index_commit_gather_us must not be negative"):
+        open_index(str(tmp_path), BackendConfig(), gather_us=-1)
