@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import env, etcd, procs
+from bench import env, etcd, limits, procs
 from bench.load import Load, measure, preload
 from bench.procs import PYTHON, Service
 from blobstore.client.storage import CHUNK_SIZE
@@ -625,6 +625,11 @@ def main() -> None:
     if cfg.profile and not (procs.BIN / "py-spy").exists():
         subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "py-spy"], check=False)
     machine = env.machine(cfg.workdir)
+    # The disk's sync latency and a thread hand-off bound every small write; both drift, so
+    # they are measured at the start and again at the end of the run.
+    log("machine limits: fdatasync latency, thread round trip")
+    machine.update(measured := limits.machine_limits(cfg.workdir, "at start"))
+    log("; ".join(f"{name}: {value}" for name, value in measured.items()))
     versions = env.versions()
     res = Results()
     source = make_source(cfg) if {"upload", "download", "signed"} & set(cfg.cases) else None
@@ -647,6 +652,10 @@ def main() -> None:
         runners[case]()
     if source is not None:
         source.unlink(missing_ok=True)
+    log("machine limits again: fdatasync latency, thread round trip")
+    machine.update(measured := limits.machine_limits(cfg.workdir, "at end"))
+    log("; ".join(f"{name}: {value}" for name, value in measured.items()))
+    machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print("\n".join(table(res)))
     for skipped in res.skipped:
         print(f"skipped: {skipped}")
