@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import env, etcd, procs
+from bench import env, etcd, limits, procs
 from bench.load import Load, measure, preload
 from bench.procs import PYTHON, Service
 from blobstore.client.storage import CHUNK_SIZE
@@ -447,56 +447,80 @@ def _load_scale_range(address: str, start: int, end: int) -> None:
             storage.set_many({f"scale/{i:08d}": value for i in range(first, min(end, first + 1000))})
 
 
-def case_scale(cfg: Config, res: Results) -> None:
+def scale_level_order(levels: list[int], rep: int) -> list[int]:
+    """The order in which repetition `rep` measures the scale levels: low to high, rotated one
+    place further each time, so that over as many repetitions as there are levels each level is
+    measured once in every place, and no level always meets the machine fresher or more tired."""
+    ordered = sorted(levels)
+    shift = rep % len(ordered)
+    return ordered[shift:] + ordered[:shift]
+
+
+def _load_scale_level(address: str, level: int) -> float:
+    """Loads keys 0..level into the server at `address` with two loader processes; values/s."""
     import multiprocessing
 
+    context = multiprocessing.get_context("spawn")
+    loaders = 2
+    bounds = [level * i // loaders for i in range(loaders + 1)]
+    workers = [
+        context.Process(target=_load_scale_range, args=(address, bounds[i], bounds[i + 1])) for i in range(loaders)
+    ]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+        if worker.exitcode != 0:
+            raise RuntimeError("a scale loader failed")
+    return level / (time.perf_counter() - started)
+
+
+def _measure_scale_level(cfg: Config, res: Results, address: str, level: int, rep: int) -> None:
+    """Sequential Set and Get rates on random keys of the level's key space, and the median
+    latency of List pages at ten random places in it."""
     from blobstore.client import Storage
     from blobstore.v1 import storage_pb2 as pb
 
+    for op in ("set", "get"):
+        load = Load("blobstore", address, op, 100, "scale", keyspace=level)
+        res.sample(f"scale.{op}.{level}", measure(load, 1, 1, cfg.seconds)["calls_per_s"])
+    with Storage(address) as storage:
+        # Pages anywhere in the key space, not only at its start: scale/NNNNN covers
+        # the 1,000 keys scale/NNNNN000..scale/NNNNN999.
+        places = random.Random(f"{level}/{rep}")
+        latencies = []
+        for _ in range(10):
+            region = places.randrange(max(1, level // 1000))
+            request = pb.ListRequest(prefix=f"scale/{region:05d}", page_size=1000)
+            started = time.perf_counter()
+            response = storage._stub.List(request)
+            latencies.append(time.perf_counter() - started)
+            assert len(response.objects) == min(1000, level), "a region of the key space was not loaded"
+    res.sample(f"scale.list.{level}", statistics.median(latencies) * 1000)
+
+
+def case_scale(cfg: Config, res: Results) -> None:
+    """Every level in its own server, all loaded first and running together, then measured in
+    turns (scale_level_order): a level measured after all the others would measure the disk's
+    state at that hour, not its key count (docs/benchmarks.md)."""
     work = cfg.workdir / "scale"
-    server = procs.start_blobstore(work / "blobstore")
-    levels = sorted(cfg.scale)
-    loaded = 0
-    context = multiprocessing.get_context("spawn")
+    levels = sorted(set(cfg.scale))
+    servers: dict[int, Service] = {}
     try:
         for level in levels:
-            log(f"scale: loading keys {loaded}..{level} with set_many")
-            started = time.perf_counter()
-            loaders = 2
-            bounds = [loaded + (level - loaded) * i // loaders for i in range(loaders + 1)]
-            workers = [
-                context.Process(target=_load_scale_range, args=(server.address, bounds[i], bounds[i + 1]))
-                for i in range(loaders)
-            ]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-                if worker.exitcode != 0:
-                    raise RuntimeError("a scale loader failed")
-            res.sample(f"scale.load.{level}", (level - loaded) / (time.perf_counter() - started))
-            loaded = level
-            for rep in range(cfg.repeat):
-                log(f"scale {level} keys {rep + 1}/{cfg.repeat}: Set, Get, List pages")
-                for op in ("set", "get"):
-                    load = Load("blobstore", server.address, op, 100, "scale", keyspace=level)
-                    res.sample(f"scale.{op}.{level}", measure(load, 1, 1, cfg.seconds)["calls_per_s"])
-                with Storage(server.address) as storage:
-                    # Pages anywhere in the key space, not only at its start: scale/NNNNN covers
-                    # the 1,000 keys scale/NNNNN000..scale/NNNNN999.
-                    places = random.Random(f"{level}/{rep}")
-                    latencies = []
-                    for _ in range(10):
-                        region = places.randrange(max(1, level // 1000))
-                        request = pb.ListRequest(prefix=f"scale/{region:05d}", page_size=1000)
-                        started = time.perf_counter()
-                        response = storage._stub.List(request)
-                        latencies.append(time.perf_counter() - started)
-                        assert len(response.objects) == min(1000, level), "a region of the key space was not loaded"
-                res.sample(f"scale.list.{level}", statistics.median(latencies) * 1000)
+            servers[level] = procs.start_blobstore(work / f"blobstore-{level}")
+        for level in levels:
+            log(f"scale: loading {level:,} keys with set_many into their own server")
+            res.sample(f"scale.load.{level}", _load_scale_level(servers[level].address, level))
+        for rep in range(cfg.repeat):
+            for level in scale_level_order(levels, rep):
+                log(f"scale {rep + 1}/{cfg.repeat}, {level:,} keys: Set, Get, List pages")
+                _measure_scale_level(cfg, res, servers[level].address, level, rep)
     finally:
-        server.stop()
-        shutil.rmtree(work / "blobstore" / "data", ignore_errors=True)
+        for level, server in servers.items():
+            server.stop()
+            shutil.rmtree(work / f"blobstore-{level}" / "data", ignore_errors=True)
     low, high = levels[0], levels[-1]
     for op in ("set", "get"):
         res.ratio_row(
@@ -601,6 +625,11 @@ def main() -> None:
     if cfg.profile and not (procs.BIN / "py-spy").exists():
         subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "py-spy"], check=False)
     machine = env.machine(cfg.workdir)
+    # The disk's sync latency and a thread hand-off bound every small write; both drift, so
+    # they are measured at the start and again at the end of the run.
+    log("machine limits: fdatasync latency, thread round trip")
+    machine.update(measured := limits.machine_limits(cfg.workdir, "at start"))
+    log("; ".join(f"{name}: {value}" for name, value in measured.items()))
     versions = env.versions()
     res = Results()
     source = make_source(cfg) if {"upload", "download", "signed"} & set(cfg.cases) else None
@@ -623,6 +652,10 @@ def main() -> None:
         runners[case]()
     if source is not None:
         source.unlink(missing_ok=True)
+    log("machine limits again: fdatasync latency, thread round trip")
+    machine.update(measured := limits.machine_limits(cfg.workdir, "at end"))
+    log("; ".join(f"{name}: {value}" for name, value in measured.items()))
+    machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print("\n".join(table(res)))
     for skipped in res.skipped:
         print(f"skipped: {skipped}")
