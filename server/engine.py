@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -328,11 +329,19 @@ class Engine:
                 self.chunks.delete(digest)
 
     def _collect_later(self, digests: list[bytes]) -> None:
+        # Shutting down: the next start-up sweep removes them.
         if digests:
-            try:
-                self.executor.submit(self._collect, digests)
-            except RuntimeError:  # shutting down: the next start-up sweep removes them
-                pass
+            self._in_background("collecting released chunks", self._collect, digests)
+
+    def _in_background(self, what: str, work: Callable[..., object], *args: Any) -> bool:
+        """Runs `work` on a worker thread that nobody awaits, so that a failure is logged rather
+        than lost; False when the executor is shutting down and did not take it."""
+        try:
+            job = self.executor.submit(work, *args)
+        except RuntimeError:
+            return False
+        job.add_done_callback(functools.partial(_log_background_failure, what))
+        return True
 
     # ------------------------------------------------------------------ index transactions
 
@@ -673,12 +682,8 @@ class Engine:
 
     def _unpin_soon(self, digests: list[bytes]) -> None:
         """Called on whichever thread settled the work: the garbage check goes to a worker."""
-        if not digests:
-            return
-        try:
-            self.executor.submit(self._unpin_and_collect, digests)
-        except RuntimeError:  # the executor is shutting down
-            self._unpin_and_collect(digests)
+        if digests and not self._in_background("releasing pins", self._unpin_and_collect, digests):
+            self._unpin_and_collect(digests)  # the executor is shutting down
 
     def _check_batch_size(self, count: int) -> None:
         if count > self.config.max_batch_entries:
@@ -1397,10 +1402,8 @@ class UploadWriter:
 
     def _release_pins_soon(self) -> None:
         """Called on the index writer thread: hand the garbage check to a worker."""
-        try:
-            self.engine.executor.submit(self._release_pins)
-        except RuntimeError:  # the executor is shutting down
-            self._release_pins()
+        if not self.engine._in_background("releasing an upload's pins", self._release_pins):
+            self._release_pins()  # the executor is shutting down
 
     def _release_pins(self) -> None:
         # Held through the collection, so that whoever calls second returns only once
@@ -1550,6 +1553,13 @@ def _cut(data: bytes, lo: int, hi: int, crc_of_data: int, max_bytes: int | None)
     for start in range(lo, hi, step):
         piece = bytes(view[start : min(hi, start + step)])
         yield piece, crc32c(piece)
+
+
+def _log_background_failure(what: str, done: Future[Any]) -> None:
+    if not done.cancelled() and (failure := done.exception()) is not None:
+        # Nothing is lost, at worst some space: the file store's next start-up sweep removes
+        # unreferenced chunks, and `blobstore scrub` lists them in any store.
+        log.warning("%s failed; unreferenced chunks may stay until later: %s", what, failure, exc_info=failure)
 
 
 def _close_result(future: asyncio.Future[BinaryIO]) -> None:

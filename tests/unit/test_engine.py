@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -359,6 +361,24 @@ def test_corrupt_chunk_is_data_loss_never_wrong_bytes(engine: Engine, run: Run) 
         except errors.DataLoss:
             failures += 1
     assert failures == 1
+
+
+def test_a_background_collection_that_fails_is_logged(
+    engine: Engine, run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = os.urandom(200_000)  # one chunk file, named by its SHA-256
+    run(engine.set(ANONYMOUS, DATA, "k", data))
+    path = Path(engine.chunks.local_path(hashlib.sha256(data).digest()) or "")
+    path.unlink()
+    path.mkdir()  # where the chunk file was: unlinking it now fails
+    (path / "in-the-way").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="blobstore.server.engine"):
+        run(engine.delete(ANONYMOUS, DATA, "k"))
+        deadline = time.monotonic() + 30  # the collection runs on a worker thread after the commit
+        while "collecting released chunks failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "collecting released chunks failed" in caplog.text
+    assert not engine.exists(ANONYMOUS, DATA, "k")
 
 
 def test_restart_keeps_everything_and_sweeps_orphans(tmp_path: Path, run: Run) -> None:
