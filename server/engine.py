@@ -329,7 +329,7 @@ class Engine:
                 self.chunks.delete(digest)
 
     def _collect_later(self, digests: list[bytes]) -> None:
-        # Shutting down: the next start-up sweep removes them.
+        # Not taken when the executor is shutting down: the next start-up sweep removes them.
         if digests:
             self._in_background("collecting released chunks", self._collect, digests)
 
