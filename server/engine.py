@@ -294,8 +294,13 @@ class Engine:
 
     def _unpin_and_collect(self, digests: Iterable[bytes]) -> None:
         if self._leases is not None:
-            # Deleting from a remote store takes round trips: not on the caller's (event loop) thread.
-            self._collect_later(self._leases.unpin(digests))
+            # Deleting from a remote store takes round trips: not on the caller's (event loop)
+            # thread, unless the executor is shutting down. Then here and now: the lease is gone,
+            # and no sweep of a shared store would ever find a chunk that has neither lease nor
+            # tombstone (as the start-up sweep finds a local store's).
+            freed = self._leases.unpin(digests)
+            if freed and not self._in_background("collecting released chunks", self._collect, freed):
+                self._collect(freed)
             return
         freed = []
         with self._pin_lock:

@@ -203,6 +203,22 @@ def test_a_replica_that_died_leaves_leases_that_expire_and_free_its_chunks(
     dead._leases._pins.clear()  # type: ignore[union-attr]
 
 
+def test_a_read_that_ends_while_its_replica_stops_still_collects_what_it_held(
+    replicas: list[RunningServer], clients: list[Storage], backends: BackendConfig
+) -> None:
+    # A read's pins are released on a worker after its call returns; if the replica is stopping
+    # by then, the worker pool takes no more jobs. The chunk it held (whose last reference went
+    # meanwhile) must still go: with the lease dropped and no tombstone, no sweep finds it later.
+    stopping = replicas[0].engine
+    digest = hashlib.sha256(b"held by a read").digest()
+    stopping._pin([digest])
+    stopping.chunks.put(digest, b"held by a read")
+    stopping.executor.shutdown(wait=True)
+    stopping._unpin_and_collect([digest])
+    assert not stopping.chunks.exists(digest)
+    _assert_store_consistent(replicas, backends)
+
+
 def test_a_signed_url_made_by_one_replica_works_on_the_others(
     replicas: list[RunningServer], clients: list[Storage]
 ) -> None:
