@@ -959,9 +959,9 @@ class Engine:
         try:
             data = self.chunks.read(ref.sha256)
         except FileNotFoundError:
-            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is missing from the chunk store") from None
+            raise _chunk_missing(ref) from None
         if len(data) != ref.size or crc32c(data) != ref.crc32c:
-            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
+            raise _chunk_corrupt(ref)
         return data
 
     def _read_chunk_pieces(self, ref: rec.ChunkRef, lo: int, hi: int, max_bytes: int | None) -> list[tuple[bytes, int]]:
@@ -978,7 +978,7 @@ class Engine:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is missing from the chunk store") from None
+            raise _chunk_missing(ref) from None
         try:
             step = max_bytes or max(1, hi - lo)
             spans = [(0, lo)] if lo else []
@@ -999,7 +999,7 @@ class Engine:
         finally:
             os.close(fd)
         if not intact or whole != ref.crc32c:
-            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
+            raise _chunk_corrupt(ref)
         return pieces
 
     def _open_verified_chunk(self, ref: rec.ChunkRef) -> BinaryIO:
@@ -1009,12 +1009,12 @@ class Engine:
         try:
             file = open(path, "rb", buffering=0)  # noqa: SIM115 - handed to the caller open
         except FileNotFoundError:
-            raise errors.DataLoss(f"chunk {ref.sha256.hex()} is missing from the chunk store") from None
+            raise _chunk_missing(ref) from None
         try:
             # One more byte than expected, so a grown file fails the length check too.
             data = os.pread(file.fileno(), ref.size + 1, 0)
             if len(data) != ref.size or crc32c(data) != ref.crc32c:
-                raise errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
+                raise _chunk_corrupt(ref)
         except BaseException:
             file.close()
             raise
@@ -1558,6 +1558,14 @@ def _cut(data: bytes, lo: int, hi: int, crc_of_data: int, max_bytes: int | None)
     for start in range(lo, hi, step):
         piece = bytes(view[start : min(hi, start + step)])
         yield piece, crc32c(piece)
+
+
+def _chunk_missing(ref: rec.ChunkRef) -> errors.DataLoss:
+    return errors.DataLoss(f"chunk {ref.sha256.hex()} is missing from the chunk store")
+
+
+def _chunk_corrupt(ref: rec.ChunkRef) -> errors.DataLoss:
+    return errors.DataLoss(f"chunk {ref.sha256.hex()} is corrupt (checksum mismatch); refusing to serve it")
 
 
 def _log_background_failure(what: str, done: Future[Any]) -> None:
