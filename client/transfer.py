@@ -116,10 +116,6 @@ class UploadSource:
         if self.seekable:
             self._pieces.append(_Piece(0, 0, running_digest(sha256)))
 
-    def read(self, size: int) -> bytes:
-        """The next bytes (at most `size`); b"" at the end."""
-        return self.read_with_crc32c(size)[0]
-
     def read_with_crc32c(self, size: int) -> tuple[bytes, int]:
         """The next bytes (at most `size`) and their CRC32C; b"" at the end. Each byte is
         hashed for CRC32C once: the running CRC32C is combined from the pieces'."""

@@ -32,7 +32,7 @@ class Pipe(io.RawIOBase):
 
 def _drain(source: UploadSource, piece: int = 1000) -> bytes:
     out = bytearray()
-    while data := source.read(piece):
+    while data := source.read_with_crc32c(piece)[0]:
         out += data
     return bytes(out)
 
