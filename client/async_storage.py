@@ -17,6 +17,7 @@ from typing import IO, Any, TypeVar
 import grpc
 
 from blobstore.client import errors
+from blobstore.client.memory import release_freed_memory, transfer_in_progress
 from blobstore.client.storage import (
     DEFAULT_MAX_UNARY,
     OBJECT_TOO_LARGE_FOR_UNARY,
@@ -147,21 +148,31 @@ class AsyncStorage(_Client):
         spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
         with _open_for_reading(file) as fobj:
             source = UploadSource(fobj, window=self.resume_window, sha256=self.verify_sha256)
-            size = remaining_size(fobj)
-            if upload_id is None and size is not None and size <= self.resumable_threshold:
-                return await self._upload_in_one_stream(spec, source, progress)
-            if upload_id is not None:
-                return await self._upload_session(upload_id, source, progress)
-            upload_id = await self._retrying(lambda: self._start_session(spec))
-            try:
-                return await self._upload_session(upload_id, source, progress)
-            except errors.StorageError as error:
-                if not transient(error):
-                    try:
-                        await self.cancel_upload(upload_id)
-                    except errors.StorageError:
-                        pass
-                raise
+            with transfer_in_progress(lambda: source.offset, _release_off_the_loop):
+                return await self._send_file(spec, source, remaining_size(fobj), upload_id, progress)
+
+    async def _send_file(
+        self,
+        spec: pb.UploadSpec,
+        source: UploadSource,
+        size: int | None,
+        upload_id: str | None,
+        progress: Progress | None,
+    ) -> ObjectInfo:
+        if upload_id is None and size is not None and size <= self.resumable_threshold:
+            return await self._upload_in_one_stream(spec, source, progress)
+        if upload_id is not None:
+            return await self._upload_session(upload_id, source, progress)
+        upload_id = await self._retrying(lambda: self._start_session(spec))
+        try:
+            return await self._upload_session(upload_id, source, progress)
+        except errors.StorageError as error:
+            if not transient(error):
+                try:
+                    await self.cancel_upload(upload_id)
+                except errors.StorageError:
+                    pass
+            raise
 
     async def _upload_in_one_stream(
         self, spec: pb.UploadSpec, source: UploadSource, progress: Progress | None
@@ -276,10 +287,11 @@ class AsyncStorage(_Client):
         verified copy, and a dropped connection resumes on the same generation.
         """
         state = DownloadState(key, storage_type, self.retries, progress, sha256=self.verify_sha256)
-        if isinstance(file, (str, os.PathLike)):
-            with writing_atomically(file) as fobj:
-                return await self._download_into(state, fobj)
-        return await self._download_into(state, file)  # type: ignore[arg-type]
+        with transfer_in_progress(lambda: state.received, _release_off_the_loop):
+            if isinstance(file, (str, os.PathLike)):
+                with writing_atomically(file) as fobj:
+                    return await self._download_into(state, fobj)
+            return await self._download_into(state, file)  # type: ignore[arg-type]
 
     async def _download_into(self, state: DownloadState, fobj: Writable) -> ObjectInfo:
         while True:
@@ -363,3 +375,8 @@ class AsyncStorage(_Client):
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+
+def _release_off_the_loop() -> None:
+    # malloc_trim takes 1-3 ms after a large transfer: not on the event loop, and nobody waits for it.
+    asyncio.get_running_loop().run_in_executor(None, release_freed_memory)

@@ -21,7 +21,10 @@ nothing.
 
 What is kept stays kept once the transfers are over: after a 1 GiB upload a server held 114
 MB against 61 before it. `release_freed_memory()` (glibc's malloc_trim) hands it back; the
-server calls it once it has been quiet for a few seconds (`memory_release_interval_s`).
+server calls it once it has been quiet for a few seconds (`memory_release_interval_s`). A
+client process calls it when its last file transfer in progress ends (`transfer_in_progress`):
+after a 64 MiB get_file a client held 63 MB against 39 before it, and 41 once released, for
+0.8-2.5 ms of malloc_trim.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -36,9 +41,15 @@ _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 ARENA_MAX = 1
+# Transfers that moved less than this since the last release leave too little kept to be worth
+# a malloc_trim (0.1 ms even when nothing is returned): a loop of small files trims now and then.
+RELEASE_AFTER_BYTES = 16 << 20
 
 _lock = threading.Lock()
 _done = False
+_transfers_lock = threading.Lock()
+_transfers = 0
+_moved_since_release = 0
 
 
 def keep_freed_memory() -> bool:
@@ -72,6 +83,41 @@ def release_freed_memory() -> bool:
     if not _done:
         return False
     return bool(ctypes.CDLL(None).malloc_trim(0))
+
+
+@contextmanager
+def transfer_in_progress(
+    moved: Callable[[], int], release: Callable[[], object] = release_freed_memory
+) -> Iterator[None]:
+    """Counts a file transfer in progress in this process. When the last one ends (or fails) and
+    transfers have moved RELEASE_AFTER_BYTES since the last release (`moved()`: this one's bytes
+    so far), `release` hands the memory kept for their message buffers back to the kernel (an
+    event loop passes one that runs it off the loop). Not while another transfer runs: it
+    reuses those buffers, and would fault them in afresh."""
+    _begin_transfer()
+    try:
+        yield
+    finally:
+        if _end_transfer(moved()):
+            release()
+
+
+def _begin_transfer() -> None:
+    global _transfers
+    with _transfers_lock:
+        _transfers += 1
+
+
+def _end_transfer(moved: int) -> bool:
+    """Counts a transfer's end; True when the memory is due to be released."""
+    global _transfers, _moved_since_release
+    with _transfers_lock:
+        _transfers -= 1
+        _moved_since_release += moved
+        if _transfers or _moved_since_release < RELEASE_AFTER_BYTES:
+            return False
+        _moved_since_release = 0
+        return True
 
 
 def _is_glibc() -> bool:

@@ -24,7 +24,7 @@ import grpc
 from blobstore.client import errors
 from blobstore.client.checksums import crc32c_combine
 from blobstore.client.directio import DirectWriter
-from blobstore.client.memory import keep_freed_memory
+from blobstore.client.memory import keep_freed_memory, transfer_in_progress
 from blobstore.client.transfer import DEFAULT_WINDOW, UploadSource, remaining_size
 from blobstore.client.wire import (
     DownloadPiece,
@@ -707,22 +707,32 @@ class Storage(_Client):
         spec = upload_spec(key, storage_type, content_type, metadata, if_generation_match)
         with _open_for_reading(file) as fobj:
             source = UploadSource(fobj, window=self.resume_window, sha256=self.verify_sha256)
-            size = remaining_size(fobj)
-            if upload_id is None and size is not None and size <= self.resumable_threshold:
-                return self._upload_in_one_stream(spec, source, progress)
-            if upload_id is not None:
-                return self._upload_session(upload_id, source, progress)
-            upload_id = self._retrying(lambda: self._start_session(spec))
-            try:
-                return self._upload_session(upload_id, source, progress)
-            except errors.StorageError as error:
-                if not transient(error):
-                    # It cannot succeed (full disk, bad checksum...): free what the session holds on the server.
-                    try:
-                        self.cancel_upload(upload_id)
-                    except errors.StorageError:
-                        pass
-                raise
+            with transfer_in_progress(lambda: source.offset):
+                return self._send_file(spec, source, remaining_size(fobj), upload_id, progress)
+
+    def _send_file(
+        self,
+        spec: pb.UploadSpec,
+        source: UploadSource,
+        size: int | None,
+        upload_id: str | None,
+        progress: Progress | None,
+    ) -> ObjectInfo:
+        if upload_id is None and size is not None and size <= self.resumable_threshold:
+            return self._upload_in_one_stream(spec, source, progress)
+        if upload_id is not None:
+            return self._upload_session(upload_id, source, progress)
+        upload_id = self._retrying(lambda: self._start_session(spec))
+        try:
+            return self._upload_session(upload_id, source, progress)
+        except errors.StorageError as error:
+            if not transient(error):
+                # It cannot succeed (full disk, bad checksum...): free what the session holds on the server.
+                try:
+                    self.cancel_upload(upload_id)
+                except errors.StorageError:
+                    pass
+            raise
 
     def _upload_in_one_stream(self, spec: pb.UploadSpec, source: UploadSource, progress: Progress | None) -> ObjectInfo:
         # Without a precondition a repeated upload is harmless, so a small file simply starts over.
@@ -857,10 +867,11 @@ class Storage(_Client):
         (client/directio.py says why).
         """
         state = DownloadState(key, storage_type, self.retries, progress, sha256=self.verify_sha256)
-        if isinstance(file, (str, os.PathLike)):
-            with writing_atomically(file) as fobj:
-                return self._download_into(state, fobj)
-        return self._download_into(state, file)  # type: ignore[arg-type]
+        with transfer_in_progress(lambda: state.received):
+            if isinstance(file, (str, os.PathLike)):
+                with writing_atomically(file) as fobj:
+                    return self._download_into(state, fobj)
+            return self._download_into(state, file)  # type: ignore[arg-type]
 
     def _download_into(self, state: DownloadState, fobj: Writable) -> ObjectInfo:
         with WriteBehind(fobj) as writer:

@@ -108,3 +108,48 @@ def test_kept_memory_goes_back_to_the_kernel_on_release() -> None:
     assert tuned["released"] is True
     assert after < kept - 40  # ...until released
     assert untuned["released"] is False  # untuned, glibc trims by itself: nothing to do
+
+
+# Transfers as the clients count them: the kept memory goes back when the last one ends, not
+# while another still runs, not after a few small ones, and also when a transfer fails.
+TRANSFERS = """
+import json, os
+from blobstore.client.memory import keep_freed_memory, transfer_in_progress
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+def churn():
+    pieces = [os.urandom(1 << 20) for _ in range(48)]
+    del pieces
+tuned = keep_freed_memory()
+seen = {"start": rss_mib()}
+with transfer_in_progress(lambda: 48 << 20):
+    with transfer_in_progress(lambda: 48 << 20):
+        churn()
+    seen["other_running"] = rss_mib()
+seen["last_ended"] = rss_mib()
+with transfer_in_progress(lambda: 1 << 20):
+    churn()
+seen["small"] = rss_mib()
+try:
+    with transfer_in_progress(lambda: 32 << 20):
+        churn()
+        raise ValueError
+except ValueError:
+    seen["failed"] = rss_mib()
+print(json.dumps({"tuned": tuned, **seen}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_kept_memory_goes_back_when_the_last_transfer_ends() -> None:
+    seen = run(TRANSFERS, "1")
+    assert seen["tuned"] is True
+    start, other_running, last_ended, small, failed = (
+        float(seen[name])  # type: ignore[arg-type]
+        for name in ("start", "other_running", "last_ended", "small", "failed")
+    )
+    assert other_running > start + 40  # kept while another transfer may reuse it
+    assert last_ended < other_running - 40
+    assert small > last_ended + 40  # 1 MiB moved: not worth a malloc_trim yet
+    assert failed < small - 40  # 33 MiB moved since the last release, and a failure ends a transfer too
