@@ -166,10 +166,13 @@ def _process(load: Load, threads: int, index: int, seconds: float, ready_q: Any,
     ready_q.put(index)
     go.wait()
     window.extend([go.start, go.start + seconds])
+    cpu_before = os.times()
     opened.set()
     for worker in workers:
         worker.join()
-    out.put((sum(counts), sum(calls), failures))
+    cpu_after = os.times()
+    cpu = cpu_after.user - cpu_before.user + cpu_after.system - cpu_before.system
+    out.put((sum(counts), sum(calls), failures, cpu))
 
 
 class _Go:
@@ -191,8 +194,13 @@ class _Go:
         return float(self._start.value)
 
 
-def measure(load: Load, clients: int, processes: int, seconds: float) -> dict[str, float]:
-    """Runs `clients` client threads over `processes` processes for `seconds`; values/s and calls/s."""
+def measure(
+    load: Load, clients: int, processes: int, seconds: float, server_cpu: Callable[[], float] | None = None
+) -> dict[str, float]:
+    """Runs `clients` client threads over `processes` processes for `seconds`; values/s and calls/s,
+    and the CPU microseconds per value the client processes spent and, given `server_cpu` (the
+    server's CPU seconds so far), the server. Both include the calls still running when the
+    window closed, a few of thousands."""
     processes = max(1, min(processes, clients))
     context = multiprocessing.get_context("spawn")
     ready_q, out = context.Queue(), context.Queue()
@@ -206,13 +214,21 @@ def measure(load: Load, clients: int, processes: int, seconds: float) -> dict[st
         child.start()
     for _ in children:
         ready_q.get(timeout=120)
+    server_before = server_cpu() if server_cpu is not None else 0.0
     go.open(time.time() + 0.2)
     results = [out.get(timeout=seconds + 120) for _ in children]
+    server_spent = server_cpu() - server_before if server_cpu is not None else float("nan")
     for child in children:
         child.join(30)
-    failures = [failure for _, _, failed in results for failure in failed]
+    failures = [failure for _, _, failed, _ in results for failure in failed]
     if failures:
         raise RuntimeError(f"{load.target} {load.op}: {failures[0]}")
-    values = sum(count for count, _, _ in results)
-    calls = sum(count for _, count, _ in results)
-    return {"values_per_s": values / seconds, "calls_per_s": calls / seconds}
+    values = sum(count for count, _, _, _ in results)
+    calls = sum(count for _, count, _, _ in results)
+    client_spent = sum(cpu for _, _, _, cpu in results)
+    return {
+        "values_per_s": values / seconds,
+        "calls_per_s": calls / seconds,
+        "client_us_per_value": 1e6 * client_spent / max(1, values),
+        "server_us_per_value": 1e6 * server_spent / max(1, values),
+    }

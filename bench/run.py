@@ -166,6 +166,19 @@ def cpu_detail(res: Results, case: str, who: tuple[str, ...]) -> str:
     return f"{case} CPU seconds per GiB (median, server + client): " + ", ".join(parts)
 
 
+def record_cpu(res: Results, key: str, rate: dict[str, float]) -> None:
+    res.sample(f"cpu.{key}.client", rate["client_us_per_value"])
+    res.sample(f"cpu.{key}.server", rate["server_us_per_value"])
+
+
+def cpu_per_value_detail(res: Results, title: str, key: str, targets: tuple[str, ...]) -> str:
+    """CPU microseconds per value, client processes and server: which side a gap comes from."""
+    parts = [
+        f"{t} {res.median(f'cpu.{key}.{t}.client'):.0f} + {res.median(f'cpu.{key}.{t}.server'):.0f}" for t in targets
+    ]
+    return f"{title}: CPU us per value (median, client + server): " + ", ".join(parts)
+
+
 def measured_transfer(
     res: Results, sample: str, service: Service, mode: str, path: Path, size: int
 ) -> dict[str, float]:
@@ -385,12 +398,14 @@ def case_small(cfg: Config, res: Results) -> None:
                             load = Load(target, service.address, op, size, f"s{size}", stub_dir)
                             profile = cfg.profile and rep == 0 and target == "blobstore" and clients == 16
                             with profiled(cfg, service, f"small-{op}-{size}") if profile else contextlib.nullcontext():
-                                rate = measure(load, clients, cfg.client_procs, cfg.seconds)
+                                rate = measure(load, clients, cfg.client_procs, cfg.seconds, service.cpu_seconds)
                             res.sample(f"small.{op}.{size}.{clients}.{target}", rate["calls_per_s"])
+                            record_cpu(res, f"small.{op}.{size}.{clients}.{target}", rate)
                     name = f"{op.capitalize()} {_size_label(size)}, " + (
                         "sequential" if clients == 1 else f"{clients} clients / {cfg.client_procs} processes"
                     )
                     key = f"small.{op}.{size}.{clients}"
+                    res.details.append(cpu_per_value_detail(res, name, key, tuple(services)))
                     res.ratio_row(name, f"{key}.blobstore", f"{key}.bare", "bare aio servicer", "calls/s", 0.8)
                     res.report_row(
                         name,
@@ -420,10 +435,23 @@ def case_batch(cfg: Config, res: Results) -> None:
                     log(f"batch {op} {_size_label(size)} {rep + 1}/{cfg.repeat}")
                     for target, service in services.items():
                         load = Load(target, service.address, op, size, f"b{size}", stub_dir)
-                        rate = measure(load, clients, cfg.client_procs, cfg.seconds)
+                        rate = measure(load, clients, cfg.client_procs, cfg.seconds, service.cpu_seconds)
                         res.sample(f"{op}.{size}.{target}", rate["values_per_s"])
+                        record_cpu(res, f"{op}.{size}.{target}", rate)
                 verb = "set_many" if op == "batch-set" else "get_many"
                 etcd_op = "Puts" if op == "batch-set" else "Ranges"
+                title = f"{verb} 100 x {_size_label(size)}"
+                ours, theirs = (
+                    {side: res.median(f"cpu.{op}.{size}.{target}.{side}") for side in ("client", "server")}
+                    for target in ("blobstore", "etcd")
+                )
+                # Clients and servers share the machine's cores: with every core busy, values/s
+                # follow the CPU both ends spend per value, and our client's share alone bounds ours.
+                res.details.append(
+                    cpu_per_value_detail(res, title, f"{op}.{size}", tuple(services))
+                    + f"; if CPU alone set the rates: {sum(theirs.values()) / sum(ours.values()):.2f}x etcd, "
+                    f"and {sum(theirs.values()) / ours['client']:.2f}x with a server that cost nothing"
+                )
                 res.ratio_row(
                     f"{verb} 100 x {_size_label(size)}, {clients} clients",
                     f"{op}.{size}.blobstore",
