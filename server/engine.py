@@ -300,13 +300,15 @@ class Engine:
             return {}
         return self.sweep_orphans()
 
-    def sweep_orphans(self) -> dict[str, int]:
+    def sweep_orphans(self, min_age_ns: int | None = None) -> dict[str, int]:
         """Shared stores: deletes the chunk objects that no record references, no replica holds
-        and no collector is deleting, once older than a lease TTL; safe while other replicas run
-        (server/sharedgc.py). A local store's start-up sweep does this for its chunk files."""
+        and no collector is deleting, once older than `min_age_ns` (a lease TTL); safe while
+        other replicas run (server/sharedgc.py). A local store's start-up sweep does this."""
         if self._leases is None:
             return {}
-        return self._leases.sweep_orphans(self.config.chunk_lease_ttl_ns, stop=self._closing.is_set)
+        if min_age_ns is None:
+            min_age_ns = self.config.chunk_lease_ttl_ns
+        return self._leases.sweep_orphans(min_age_ns, stop=self._closing.is_set)
 
     def _pin(self, digests: Iterable[bytes]) -> None:
         if self._leases is not None:
