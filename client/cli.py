@@ -653,5 +653,47 @@ def scrub(data_dir: str, no_rehash: bool, as_json: bool) -> None:
     raise SystemExit(0 if report.ok else 1)
 
 
+@main.command("sweep-orphans")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="A TOML settings file.")
+@click.option(
+    "--older-than",
+    callback=_duration,
+    metavar="DURATION",
+    help="Only chunks last modified this long ago, e.g. 2h [engine.chunk_lease_ttl_ns: 1d].",
+)
+def sweep_orphans(config_file: str | None, older_than: float | None) -> None:
+    """Delete a shared store's chunk objects that no object or upload references.
+
+    Safe while replicas run: a chunk any replica holds (an upload or a download in
+    flight) is kept. The replicas do this themselves once a day; this does it now.
+    Reads the settings as `serve` does (--config, BLOBSTORE_* variables).
+    """
+    from blobstore.server.app import ServerConfig
+    from blobstore.server.config import ConfigError, load_config
+    from blobstore.server.engine import open_engine
+
+    ctx = click.get_current_context()
+    try:
+        config = load_config(ServerConfig, file=config_file, env=os.environ)
+    except ConfigError as exc:
+        _fail(ctx, f"configuration: {exc}", EXIT_CONFIG)
+    if config.index != "postgres":
+        _fail(
+            ctx,
+            "only a shared store (index postgres) needs this: a server removes a local store's at start-up",
+            EXIT_CONFIG,
+        )
+    with _fails_cleanly():
+        engine = open_engine(config.data_dir, config.engine, backends=config.backends)
+        try:
+            swept = engine.sweep_orphans(None if older_than is None else int(older_than * 10**9))
+        finally:
+            engine.close()
+    click.echo(
+        f"listed {swept['listed']} chunks, {swept['old']} old enough, {swept['orphans']} without a record, "
+        f"deleted {swept['deleted']} (the others are in use)"
+    )
+
+
 if __name__ == "__main__":
     main()

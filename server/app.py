@@ -224,6 +224,13 @@ class BlobstoreServer:
                 while await self.engine.reap_expired() > 0:
                     pass
                 await asyncio.get_running_loop().run_in_executor(None, self.engine.sweep_leases)
+                # A shared store's orphans are not listed at start-up, as a local store's chunk
+                # files are: the listing costs a LIST request per 1000 chunks, every restart of
+                # every replica would repeat it, and orphans must age a lease TTL first anyway.
+                # Each replica asks here (one read); one per store lists, once per
+                # engine.orphan_sweep_interval_ns. On the engine's workers, which close() waits
+                # for (the listing stops at its next page).
+                await asyncio.get_running_loop().run_in_executor(self.engine.executor, self.engine.sweep_orphans_if_due)
                 await self.sessions.reap_expired()
             except Exception:
                 log.exception("reaping expired objects failed; will try again")

@@ -39,6 +39,10 @@ class ChunkStore(Protocol):
 
     def iter_digests(self) -> Iterator[bytes]: ...
 
+    def iter_chunks(self) -> Iterator[tuple[bytes, int]]:
+        """(digest, last-modified time in ns) of every chunk, in digest order."""
+        ...
+
     def local_path(self, digest: bytes) -> str | None:
         """A file holding the chunk, for zero-copy sends; None when not on local disk."""
         ...
@@ -158,6 +162,20 @@ class FileChunkStore:
                         yield bytes.fromhex(name)
                     except ValueError:
                         continue
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, int]]:
+        # In digest order, as an object store lists them: the ab/cd/ folders sort as the names do.
+        for dirpath, dirnames, filenames in os.walk(self._chunks):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if len(name) != 64:
+                    continue
+                try:
+                    digest = bytes.fromhex(name)
+                    modified = os.stat(os.path.join(dirpath, name)).st_mtime_ns
+                except (ValueError, FileNotFoundError):
+                    continue
+                yield digest, modified
 
     def clear_tmp(self) -> int:
         """Removes temp files left by a crash; returns how many."""

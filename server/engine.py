@@ -90,6 +90,9 @@ class EngineConfig:
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     # Shared stores only: how long a chunk lease of a replica that died keeps its chunk.
     chunk_lease_ttl_ns: int = NS_PER_DAY
+    # Shared stores only: at most one replica lists the chunk store for orphans (objects no
+    # table knows of) per this interval; 0: never by itself, only on demand (sweep_orphans).
+    orphan_sweep_interval_ns: int = NS_PER_DAY
 
 
 @dataclass
@@ -164,10 +167,13 @@ class Engine:
         # network round trips, during which the event loop must go on serving everyone else.
         self.reads_wait_on_network = bool(getattr(index, "shared", False))
         self._handback: Handback | None = None
+        # Set once close() starts: a long listing of the chunk store stops at its next page.
+        self._closing = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        self._closing.set()
         # Background collection finishes first: it still needs the index.
         if self._own_executor:
             self.executor.shutdown(wait=True)
@@ -180,8 +186,9 @@ class Engine:
         """Removes what a crash can leave behind: temp files and chunk files no record references.
 
         Runs before the server accepts requests, so nothing is pinned yet. A shared store
-        is not listed (other replicas are uploading into it): the chunks of replicas that
-        died are collected when their leases expire (sweep_leases).
+        is not listed here: the chunks of replicas that died are collected when their leases
+        expire (sweep_leases), and the chunk objects no table knows of by sweep_orphans,
+        which other replicas may go on uploading through and which costs requests to list.
         """
         if self._leases is not None:
             return {"unreferenced_chunks": self._leases.sweep()["deleted"], "temp_files": 0}
@@ -284,6 +291,24 @@ class Engine:
     def sweep_leases(self) -> dict[str, int]:
         """Shared stores: collects the chunks that replicas which died had pinned."""
         return self._leases.sweep() if self._leases is not None else {}
+
+    def sweep_orphans_if_due(self) -> dict[str, int]:
+        """Shared stores: sweep_orphans, when no replica of the store has in the last
+        `orphan_sweep_interval_ns` (the server asks every reap interval: a read, nothing more)."""
+        interval = self.config.orphan_sweep_interval_ns
+        if self._leases is None or interval <= 0 or not self._leases.claim_orphan_sweep(interval):
+            return {}
+        return self.sweep_orphans()
+
+    def sweep_orphans(self, min_age_ns: int | None = None) -> dict[str, int]:
+        """Shared stores: deletes the chunk objects that no record references, no replica holds
+        and no collector is deleting, once older than `min_age_ns` (a lease TTL); safe while
+        other replicas run (server/sharedgc.py). A local store's start-up sweep does this."""
+        if self._leases is None:
+            return {}
+        if min_age_ns is None:
+            min_age_ns = self.config.chunk_lease_ttl_ns
+        return self._leases.sweep_orphans(min_age_ns, stop=self._closing.is_set)
 
     def _pin(self, digests: Iterable[bytes]) -> None:
         if self._leases is not None:

@@ -156,7 +156,8 @@ class S3ChunkStore:
             yield digest
 
     def iter_chunks(self) -> Iterator[tuple[bytes, int]]:
-        """Yields (digest, last-modified time in ns) of every chunk object."""
+        """Yields (digest, last-modified time in ns) of every chunk object, in digest order (S3
+        lists keys in UTF-8 order, and the names are lower-case hex): one LIST request per 1000."""
         paginator = self._s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._prefix):
             for item in page.get("Contents", []):

@@ -41,6 +41,8 @@ ALL_TABLES = (OBJECTS, CHUNKS, UPLOADS, EXPIRY, USAGE, META, TOKENS, QUOTAS, CHU
 
 META_GENERATION = b"generation"
 META_SCHEMA_VERSION = b"schema_version"
+# Shared stores: when a replica last claimed the listing of the chunk store for orphans (ns, 8 bytes BE).
+META_ORPHAN_SWEEP = b"orphan_sweep"
 SCHEMA_VERSION = 1
 
 _SEP = b"\x00"

@@ -30,10 +30,28 @@ replica that dies leaves leases behind; they expire after `lease_ttl_ns`, and
 the periodic sweep collects their chunks. A tombstone older than
 `tombstone_stale_ns` belongs to a collector that died between D1 and D2 and is
 taken over; that bound is far above the S3 client's own time-outs.
+
+A chunk object with no chunk record, no lease and no tombstone (an orphan: a
+replica died between unpinning and collecting, a collection failed, a PUT that
+the client gave up on landed late) is in no table, so neither collection nor
+the lease sweep ever finds it. The orphan sweep lists the store instead and
+hands what has no chunk record to collect(), whose D1 transaction still refuses
+a chunk any replica holds a lease on: an uploader commits its lease before it
+looks for the chunk record and before it PUTs, so a listed chunk that an upload
+is about to store or reuse is kept, and a pin that comes after D1 waits for the
+deletion and then stores the chunk again. On top of that the sweep only takes
+objects last modified more than a lease TTL ago: a chunk an upload PUT to S3
+(which dates every PUT) stays younger than that for as long as the upload's
+lease can stand, so the sweep does not even contend with uploads in flight, and
+does not rely on the leases alone should a PUT ever reach the store outside one
+(a request the client gave up on, a replica of another version). Downloads and
+uploads that reuse an old chunk are protected by their leases, as from any
+collector.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -48,6 +66,8 @@ from blobstore.server.index import Index, IndexWriter
 log = logging.getLogger(__name__)
 
 NS_PER_S = 10**9
+# Listed chunks checked against the index at a time: one S3 LIST page, one range scan of records.
+ORPHAN_PAGE = 1000
 
 
 class _ChunkBeingDeleted(Exception):
@@ -206,3 +226,52 @@ class ChunkLeases:
         if candidates:
             log.info("lease sweep: %d candidates, %d chunks deleted", len(candidates), deleted)
         return {"candidates": len(candidates), "deleted": deleted}
+
+    # ------------------------------------------------------------------ orphans
+
+    def claim_orphan_sweep(self, interval_ns: int) -> bool:
+        """True for the one replica that may list the store now: none has claimed it within
+        `interval_ns`. Bounds the listing to one per interval for the whole store, however many
+        replicas run and however often they restart."""
+        now = self.clock()
+        with self.index.reader() as r:
+            last = r.get(schema.META, schema.META_ORPHAN_SWEEP)
+        if last is not None and schema.unpack_u64(last) > now - interval_ns:
+            return False  # the usual answer, from a read: no write transaction per reap interval
+
+        def op(txn: IndexWriter) -> bool:
+            now = self.clock()
+            last = txn.get(schema.META, schema.META_ORPHAN_SWEEP)
+            if last is not None and schema.unpack_u64(last) > now - interval_ns:
+                return False
+            txn.put(schema.META, schema.META_ORPHAN_SWEEP, schema.pack_u64(now))
+            return True
+
+        return bool(self._commit(op))
+
+    def sweep_orphans(self, min_age_ns: int, *, stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+        """Collects the chunk objects last modified over `min_age_ns` ago that have no chunk record
+        (collect() keeps those under a live lease). Costs, per 1000 chunks in the store, one LIST
+        request and one range scan of the index's chunk records (two queries of 500 rows), and a
+        transaction per orphan found; `stop` is asked between pages."""
+        now = self.clock()
+        listed = old = orphans = deleted = 0
+        listing = self.chunks.iter_chunks()
+        while page := list(itertools.islice(listing, ORPHAN_PAGE)):
+            listed += len(page)
+            aged = sorted(digest for digest, modified in page if modified <= now - min_age_ns)
+            old += len(aged)
+            if aged:
+                # The records of the page's range of digests in one scan: a look-up per listed
+                # chunk would cost a round trip each, millions for a big store.
+                with self.index.reader() as r:
+                    recorded = {bytes(key) for key, _ in r.scan(schema.CHUNKS, aged[0], aged[-1] + b"\0")}
+                unrecorded = [digest for digest in aged if digest not in recorded]
+                orphans += len(unrecorded)
+                if unrecorded:
+                    deleted += self.collect(unrecorded)
+            if stop():
+                break
+        result = {"listed": listed, "old": old, "orphans": orphans, "deleted": deleted}
+        log.info("orphan sweep: %s", result)
+        return result
