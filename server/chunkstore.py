@@ -155,8 +155,10 @@ class FileChunkStore:
             pass
 
     def iter_digests(self) -> Iterator[bytes]:
-        for _dirpath, _, filenames in os.walk(self._chunks):
-            for name in filenames:
+        # In digest order, as an object store lists them: the ab/cd/ folders sort as the names do.
+        for _dirpath, dirnames, filenames in os.walk(self._chunks):
+            dirnames.sort()
+            for name in sorted(filenames):
                 if len(name) == 64:
                     try:
                         yield bytes.fromhex(name)
@@ -164,18 +166,11 @@ class FileChunkStore:
                         continue
 
     def iter_chunks(self) -> Iterator[tuple[bytes, int]]:
-        # In digest order, as an object store lists them: the ab/cd/ folders sort as the names do.
-        for dirpath, dirnames, filenames in os.walk(self._chunks):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if len(name) != 64:
-                    continue
-                try:
-                    digest = bytes.fromhex(name)
-                    modified = os.stat(os.path.join(dirpath, name)).st_mtime_ns
-                except (ValueError, FileNotFoundError):
-                    continue
-                yield digest, modified
+        for digest in self.iter_digests():
+            try:
+                yield digest, os.stat(self.path(digest)).st_mtime_ns
+            except FileNotFoundError:  # deleted since it was listed
+                continue
 
     def clear_tmp(self) -> int:
         """Removes temp files left by a crash; returns how many."""
