@@ -149,30 +149,21 @@ class AsyncStorage(_Client):
         with _open_for_reading(file) as fobj:
             source = UploadSource(fobj, window=self.resume_window, sha256=self.verify_sha256)
             with transfer_in_progress(lambda: source.offset, _release_off_the_loop):
-                return await self._send_file(spec, source, remaining_size(fobj), upload_id, progress)
-
-    async def _send_file(
-        self,
-        spec: pb.UploadSpec,
-        source: UploadSource,
-        size: int | None,
-        upload_id: str | None,
-        progress: Progress | None,
-    ) -> ObjectInfo:
-        if upload_id is None and size is not None and size <= self.resumable_threshold:
-            return await self._upload_in_one_stream(spec, source, progress)
-        if upload_id is not None:
-            return await self._upload_session(upload_id, source, progress)
-        upload_id = await self._retrying(lambda: self._start_session(spec))
-        try:
-            return await self._upload_session(upload_id, source, progress)
-        except errors.StorageError as error:
-            if not transient(error):
+                size = remaining_size(fobj)
+                if upload_id is None and size is not None and size <= self.resumable_threshold:
+                    return await self._upload_in_one_stream(spec, source, progress)
+                if upload_id is not None:
+                    return await self._upload_session(upload_id, source, progress)
+                upload_id = await self._retrying(lambda: self._start_session(spec))
                 try:
-                    await self.cancel_upload(upload_id)
-                except errors.StorageError:
-                    pass
-            raise
+                    return await self._upload_session(upload_id, source, progress)
+                except errors.StorageError as error:
+                    if not transient(error):
+                        try:
+                            await self.cancel_upload(upload_id)
+                        except errors.StorageError:
+                            pass
+                    raise
 
     async def _upload_in_one_stream(
         self, spec: pb.UploadSpec, source: UploadSource, progress: Progress | None

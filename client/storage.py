@@ -708,31 +708,22 @@ class Storage(_Client):
         with _open_for_reading(file) as fobj:
             source = UploadSource(fobj, window=self.resume_window, sha256=self.verify_sha256)
             with transfer_in_progress(lambda: source.offset):
-                return self._send_file(spec, source, remaining_size(fobj), upload_id, progress)
-
-    def _send_file(
-        self,
-        spec: pb.UploadSpec,
-        source: UploadSource,
-        size: int | None,
-        upload_id: str | None,
-        progress: Progress | None,
-    ) -> ObjectInfo:
-        if upload_id is None and size is not None and size <= self.resumable_threshold:
-            return self._upload_in_one_stream(spec, source, progress)
-        if upload_id is not None:
-            return self._upload_session(upload_id, source, progress)
-        upload_id = self._retrying(lambda: self._start_session(spec))
-        try:
-            return self._upload_session(upload_id, source, progress)
-        except errors.StorageError as error:
-            if not transient(error):
-                # It cannot succeed (full disk, bad checksum...): free what the session holds on the server.
+                size = remaining_size(fobj)
+                if upload_id is None and size is not None and size <= self.resumable_threshold:
+                    return self._upload_in_one_stream(spec, source, progress)
+                if upload_id is not None:
+                    return self._upload_session(upload_id, source, progress)
+                upload_id = self._retrying(lambda: self._start_session(spec))
                 try:
-                    self.cancel_upload(upload_id)
-                except errors.StorageError:
-                    pass
-            raise
+                    return self._upload_session(upload_id, source, progress)
+                except errors.StorageError as error:
+                    if not transient(error):
+                        # It cannot succeed (full disk, bad checksum...): free what the session holds on the server.
+                        try:
+                            self.cancel_upload(upload_id)
+                        except errors.StorageError:
+                            pass
+                    raise
 
     def _upload_in_one_stream(self, spec: pb.UploadSpec, source: UploadSource, progress: Progress | None) -> ObjectInfo:
         # Without a precondition a repeated upload is harmless, so a small file simply starts over.
