@@ -1595,8 +1595,8 @@ def _chunk_corrupt(ref: rec.ChunkRef) -> errors.DataLoss:
 
 def _log_background_failure(what: str, done: Future[Any]) -> None:
     if not done.cancelled() and (failure := done.exception()) is not None:
-        # Nothing is lost, at worst some space: the file store's next start-up sweep removes
-        # unreferenced chunks, and `blobstore scrub` lists them in any store.
+        # Nothing is lost, at worst some space: a local store's next start-up sweep removes
+        # unreferenced chunks, a shared store's orphan sweep once they are a lease TTL old.
         log.warning("%s failed; unreferenced chunks may stay until later: %s", what, failure, exc_info=failure)
 
 
